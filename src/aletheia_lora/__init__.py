@@ -1,0 +1,3 @@
+"""Aletheia-LoRA: gradient-guided layer selection for efficient LoRA fine-tuning."""
+
+__version__ = "0.2.0"
