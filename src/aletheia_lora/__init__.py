@@ -1,3 +1,18 @@
 """Aletheia-LoRA: gradient-guided layer selection for efficient LoRA fine-tuning."""
 
+from aletheia_lora.config import aletheia_lora_config, apply_aletheia_lora
+from aletheia_lora.layers import DecoderStack, find_decoder_stack
+from aletheia_lora.probe import LayerScores, gradient_probe
+from aletheia_lora.select import select_layers
+
 __version__ = "0.2.0"
+
+__all__ = [
+    "DecoderStack",
+    "LayerScores",
+    "aletheia_lora_config",
+    "apply_aletheia_lora",
+    "find_decoder_stack",
+    "gradient_probe",
+    "select_layers",
+]

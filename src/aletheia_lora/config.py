@@ -1,0 +1,257 @@
+"""PEFT LoRA configuration that adapts only the selected decoder blocks."""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import re
+from collections.abc import Iterable, Sequence
+
+from peft import LoraConfig
+from torch import nn
+
+from aletheia_lora.layers import ATTENTION, MLP, DecoderStack, find_decoder_stack, unwrap_model
+
+logger = logging.getLogger(__name__)
+
+# Used only when no model is given (aletheia_lora_config): the Llama/Qwen/Mistral names, as the reference.
+LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_KNOWN_KINDS = {
+    **dict.fromkeys(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv"], ATTENTION
+    ),
+    **dict.fromkeys(["out_proj", "dense", "attn.c_proj", "self_attention.dense", "attention.dense"], ATTENTION),
+    **dict.fromkeys(["gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc"], MLP),
+    **dict.fromkeys(["dense_h_to_4h", "dense_4h_to_h", "mlp.c_proj", "w1", "w2", "w3"], MLP),
+}
+
+
+def validate_selected_layers(selected_layers, num_layers: int | None = None) -> list[int]:
+    """Check a layer selection and return it sorted. PEFT reads ``[]`` as *all* layers, so empty is an error."""
+    if isinstance(selected_layers, (str, bytes)) or not isinstance(selected_layers, Iterable):
+        raise TypeError(f"selected_layers must be a list of layer indices, got {type(selected_layers).__name__}")
+    layers = list(selected_layers)
+    if not layers:
+        raise ValueError("selected_layers is empty; PEFT would read an empty list as 'all layers'")
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+            raise TypeError(f"selected_layers must hold integers, got {layer!r} ({type(layer).__name__})")
+        if layer < 0:
+            raise ValueError(f"selected_layers holds a negative index: {layer}")
+        if num_layers is not None and layer >= num_layers:
+            raise ValueError(f"selected_layers holds {layer}, out of range for a model with {num_layers} layers")
+    duplicates = sorted({int(x) for x in layers if layers.count(x) > 1})
+    if duplicates:
+        raise ValueError(f"selected_layers holds duplicates: {duplicates}")
+    return sorted(int(x) for x in layers)
+
+
+def _check_rank(name: str, value, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    if name.endswith("_r") or name == "r":
+        if not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+
+
+def aletheia_lora_config(
+    selected_layers: Sequence[int],
+    target_modules: Sequence[str] | None = None,
+    r: int = 16,
+    lora_alpha: float = 32,
+    attention_r: int | None = None,
+    mlp_r: int | None = None,
+    attention_alpha: float | None = None,
+    mlp_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    task_type: str = "CAUSAL_LM",
+    *,
+    layers_pattern: str | None = None,
+    num_layers: int | None = None,
+    module_kinds: dict[str, str] | None = None,
+    fan_in_fan_out: bool = False,
+    target_parameters: Sequence[str] | None = None,
+    **lora_kwargs,
+) -> LoraConfig:
+    """Build a PEFT ``LoraConfig`` that adapts only ``selected_layers``.
+
+    Args:
+        selected_layers: Block indices to adapt (from :func:`select_layers`); sorted here.
+        target_modules: Module names PEFT matches by suffix. Default: the Llama/Qwen/Mistral projections.
+        r: LoRA rank of modules without a group override.
+        lora_alpha: LoRA alpha of modules without a group override.
+        attention_r: Rank of the attention projections.
+        mlp_r: Rank of the MLP projections.
+        attention_alpha: Alpha of the attention projections. By default it follows the rank,
+            ``lora_alpha * attention_r / r``, so the scale alpha/r stays that of the other modules
+            instead of silently shrinking as the rank grows. An explicit value wins.
+        mlp_alpha: Same for the MLP projections.
+        lora_dropout: Dropout on the LoRA input.
+        task_type: PEFT task type.
+        layers_pattern: Regex naming the block list (``DecoderStack.layers_pattern``); None lets PEFT read
+            the first numbered segment of a module name.
+        num_layers: Number of blocks, to range-check ``selected_layers``.
+        module_kinds: Target name -> ``attention``/``mlp`` (from the model); guessed from names otherwise.
+        fan_in_fan_out: True for GPT-2 style ``Conv1D`` weights.
+        target_parameters: Full parameter names (e.g. fused MoE experts) PEFT adapts directly.
+        **lora_kwargs: Passed to ``LoraConfig`` (e.g. ``use_rslora=True``).
+
+    Returns:
+        The ``LoraConfig``; pass it to ``peft.get_peft_model``.
+    """
+    layers = validate_selected_layers(selected_layers, num_layers)
+    for name, value in (("r", r), ("lora_alpha", lora_alpha)):
+        _check_rank(name, value, allow_none=False)
+    for name, value in (("attention_r", attention_r), ("mlp_r", mlp_r)):
+        _check_rank(name, value)
+    for name, value in (("attention_alpha", attention_alpha), ("mlp_alpha", mlp_alpha)):
+        _check_rank(name, value)
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+    if target_modules is None:
+        target_modules = list(LLAMA_TARGET_MODULES)
+    if isinstance(target_modules, str) or not all(isinstance(t, str) and t for t in target_modules):
+        raise TypeError(f"target_modules must be a list of module names, got {target_modules!r}")
+    target_modules = list(dict.fromkeys(target_modules))
+    kinds = module_kinds if module_kinds is not None else _KNOWN_KINDS
+
+    rank_pattern, alpha_pattern = {}, {}
+    groups = ((ATTENTION, attention_r, attention_alpha), (MLP, mlp_r, mlp_alpha))
+    for kind, group_r, group_alpha in groups:
+        if group_r is None and group_alpha is None:
+            continue
+        names = [t for t in target_modules if kinds.get(t) == kind]
+        if not names:
+            logger.warning(
+                "no %s module among target_modules %s: %s_r/%s_alpha ignored", kind, target_modules, kind, kind
+            )
+        if group_alpha is None:
+            group_alpha = lora_alpha * group_r / r
+        for name in names:
+            # PEFT matches these keys as regexes against the end of a module name.
+            key = re.escape(name)
+            if group_r is not None:
+                rank_pattern[key] = int(group_r)
+            alpha_pattern[key] = group_alpha
+
+    if target_parameters:
+        lora_kwargs["target_parameters"] = list(target_parameters)
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=target_modules,
+        layers_to_transform=layers,
+        layers_pattern=layers_pattern,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        fan_in_fan_out=fan_in_fan_out,
+        task_type=task_type,
+        bias="none",
+        **lora_kwargs,
+    )
+
+
+def _check_against_model(config: LoraConfig, base: nn.Module, stack: DecoderStack, layers: list[int]) -> None:
+    """Run PEFT's own module matcher over the model: adapters must land in exactly the selected blocks."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    names = [name for name, _ in base.named_modules() if name]
+    for target in config.target_modules:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            raise ValueError(
+                f"target module {target!r} is not in {type(base).__name__}; its blocks have {sorted(stack.modules)}"
+            )
+    hit_layers = set()
+    for name in names:
+        if "lora_" in name or name.endswith(".base_layer"):
+            continue
+        if check_target_module_exists(config, name):
+            layer = stack.layer_of(name)
+            if layer is None:
+                raise ValueError(f"PEFT would adapt {name!r}, outside the decoder stack {stack.path}")
+            hit_layers.add(layer)
+    if not config.target_parameters and hit_layers != set(layers):
+        raise ValueError(
+            f"PEFT would adapt layers {sorted(hit_layers)}, not the selected {layers}; "
+            f"check target_modules={sorted(config.target_modules)}"
+        )
+
+
+def apply_aletheia_lora(
+    model: nn.Module,
+    selected_layers: Sequence[int],
+    target_modules: Sequence[str] | None = None,
+    r: int = 16,
+    lora_alpha: float = 32,
+    attention_r: int | None = None,
+    mlp_r: int | None = None,
+    attention_alpha: float | None = None,
+    mlp_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    task_type: str = "CAUSAL_LM",
+    *,
+    target_experts: bool = False,
+    **lora_kwargs,
+) -> LoraConfig:
+    """Build the ``LoraConfig`` for ``model``: its own module names, its block stack, checked against PEFT.
+
+    Unlike :func:`aletheia_lora_config`, the defaults come from the model: target modules are the blocks'
+    attention and MLP projections under the architecture's own names (``c_attn``, ``query_key_value``,
+    ``qkv_proj``, ...), the layer pattern names the decoder stack only (never a vision tower or an MoE
+    expert index), ``Conv1D`` sets ``fan_in_fan_out``, and every target module must exist. PEFT's own
+    matcher is then run over the model to check that adapters land in exactly ``selected_layers``.
+    The model is not modified; pass the result to ``peft.get_peft_model(model, config)``.
+
+    Args:
+        model: The causal LM (or a PeftModel around it) the config is for.
+        selected_layers: Block indices to adapt.
+        target_experts: Also adapt fused MoE expert weights (PEFT ``target_parameters``) in the selected
+            blocks. Off by default: routers and experts are left to the base model, attention and any
+            shared-expert MLP are adapted.
+        Other arguments: as :func:`aletheia_lora_config`.
+
+    Returns:
+        The ``LoraConfig``.
+    """
+    stack = find_decoder_stack(model)
+    base = unwrap_model(model)
+    layers = validate_selected_layers(selected_layers, stack.num_layers)
+    if target_modules is None:
+        target_modules = stack.default_target_modules
+        if not target_modules:
+            raise ValueError(f"{type(base).__name__}: found no attention or MLP linear modules in {stack.block_class}")
+    target_parameters = None
+    if stack.expert_parameters:
+        if target_experts:
+            target_parameters = [f"{stack.path}.{i}.{name}" for i in layers for name in stack.expert_parameters]
+        else:
+            logger.warning(
+                "%s keeps MoE experts as fused weights %s; they are not adapted (target_experts=True adapts them)",
+                stack.model_type,
+                list(stack.expert_parameters),
+            )
+    config = aletheia_lora_config(
+        layers,
+        target_modules=target_modules,
+        r=r,
+        lora_alpha=lora_alpha,
+        attention_r=attention_r,
+        mlp_r=mlp_r,
+        attention_alpha=attention_alpha,
+        mlp_alpha=mlp_alpha,
+        lora_dropout=lora_dropout,
+        task_type=task_type,
+        layers_pattern=stack.layers_pattern,
+        num_layers=stack.num_layers,
+        module_kinds={**_KNOWN_KINDS, **stack.modules},
+        fan_in_fan_out=stack.fan_in_fan_out,
+        target_parameters=target_parameters,
+        **lora_kwargs,
+    )
+    _check_against_model(config, base, stack, layers)
+    return config

@@ -1,0 +1,330 @@
+"""Gradient probe: how much each decoder block's weights want to move on the user's task.
+
+One forward/backward pass per probe batch covers every block. Each weight gradient is reduced to its
+score contribution the moment autograd has accumulated it and is then freed, so gradient memory stays
+at about one weight tensor, far below ``chunk_size`` blocks. The model is left exactly as it was found.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from aletheia_lora.data import IGNORE_INDEX, pad_collate
+from aletheia_lora.layers import block_parameters, find_decoder_stack, unwrap_model
+
+logger = logging.getLogger(__name__)
+
+METRICS = {
+    "grad_norm": "sum over a block's weight tensors of the gradient's L2 norm (the reference's score)",
+    "grad_rms": "root-mean-square gradient over all of a block's weights (size-normalised grad_norm)",
+    "fisher": "sum of squared gradients over a block's weights (empirical Fisher diagonal trace)",
+    "grad_weight": "sum of |gradient x weight| over a block's weights (first-order Taylor importance)",
+}
+
+
+class LayerScores(dict):
+    """Block index -> probe score, a plain ``dict`` that also carries how it was measured.
+
+    ``meta`` holds the metric, the number of batches and loss tokens, the model type and the stack path.
+    """
+
+    def __init__(self, scores: Mapping[int, float] | None = None, meta: Mapping | None = None) -> None:
+        super().__init__(scores or {})
+        self.meta = dict(meta or {})
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        """Write scores and metadata as JSON, atomically (a temporary file, then a rename)."""
+        payload = {"scores": {str(k): float(v) for k, v in sorted(self.items())}, "meta": self.meta}
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(payload, f, indent=2)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> LayerScores:
+        """Read scores written by :meth:`to_json` (or a plain ``{"0": 1.5, ...}`` object)."""
+        try:
+            payload = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read scores file {str(path)!r}: {e}") from e
+        except json.JSONDecodeError as e:
+            raise ValueError(f"scores file {str(path)!r} is not valid JSON: {e}") from e
+        raw = payload.get("scores", payload) if isinstance(payload, dict) else None
+        if not isinstance(raw, dict) or not raw:
+            raise ValueError(f"scores file {str(path)!r} holds no layer scores (expected {{'scores': {{'0': ...}}}})")
+        scores = {}
+        for key, value in raw.items():
+            try:
+                layer = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"scores file {str(path)!r}: layer key {key!r} is not an integer") from None
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(
+                    f"scores file {str(path)!r}: score of layer {layer} is {value!r}, not a finite number"
+                )
+            scores[layer] = float(value)
+        meta = payload.get("meta", {}) if "scores" in payload else {}
+        return cls(scores, meta if isinstance(meta, dict) else {})
+
+
+def _check_positive_int(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _take_rows(dataset, n_rows: int, seed: int) -> list:
+    """Up to ``n_rows`` rows: a seeded sample of a sized dataset (the reference's order), else the first ones."""
+    if (
+        isinstance(dataset, (str, bytes, Mapping))
+        or not isinstance(dataset, Iterable)
+        and not hasattr(dataset, "__getitem__")
+    ):
+        raise TypeError(
+            "dataset must be a tokenized dataset (HF Dataset, IterableDataset, list of dicts with 'input_ids'), "
+            f"got {type(dataset).__name__}"
+        )
+    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        size = len(dataset)
+        if size == 0:
+            raise ValueError("dataset is empty: the probe needs at least one tokenized row")
+        # The same permutation torch's DataLoader(shuffle=True, generator=seed) draws, batch size 1.
+        sampler = torch.utils.data.RandomSampler(range(size), generator=torch.Generator().manual_seed(seed))
+        rows = []
+        for index in sampler:
+            if len(rows) == n_rows:
+                break
+            rows.append(dataset[index])
+        return rows
+    rows = []
+    for row in dataset:
+        rows.append(row)
+        if len(rows) == n_rows:
+            break
+    if not rows:
+        raise ValueError("dataset is empty: the probe needs at least one tokenized row")
+    return rows
+
+
+def _probe_batches(dataset, probe_batches: int, batch_size: int, seed: int, pad_token_id: int) -> list[dict]:
+    if isinstance(dataset, torch.utils.data.DataLoader):
+        batches = []
+        for batch in dataset:
+            if len(batches) == probe_batches:
+                break
+            if not isinstance(batch, Mapping) or "input_ids" not in batch:
+                raise ValueError("DataLoader batches must be dicts with 'input_ids'")
+            batches.append(dict(batch))
+        if not batches:
+            raise ValueError("dataset is empty: the DataLoader yielded no batch")
+    else:
+        rows = _take_rows(dataset, probe_batches * batch_size, seed)
+        batches = [pad_collate(rows[i : i + batch_size], pad_token_id) for i in range(0, len(rows), batch_size)]
+    if len(batches) < probe_batches:
+        logger.warning(
+            "dataset holds %d probe batches, fewer than probe_batches=%d: using those", len(batches), probe_batches
+        )
+    return batches
+
+
+def _causal_lm_loss(
+    model: nn.Module, batch: Mapping, device: torch.device, vocab_size: int | None
+) -> tuple[torch.Tensor, int]:
+    input_ids = torch.as_tensor(batch["input_ids"]).to(device)
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if vocab_size is not None and (int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0):
+        raise ValueError(
+            f"input_ids hold token ids outside the model's vocabulary [0, {vocab_size}) "
+            f"(min {int(input_ids.min())}, max {int(input_ids.max())}); was the data tokenized for this model?"
+        )
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(input_ids) if mask is None else torch.as_tensor(mask).to(device).view_as(input_ids)
+    labels = batch.get("labels")
+    labels = input_ids.clone() if labels is None else torch.as_tensor(labels).to(device).view_as(input_ids)
+    # Padding never enters the loss, whatever the labels say.
+    labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    targets = labels[:, 1:]
+    tokens = int((targets != IGNORE_INDEX).sum())
+    if tokens == 0:
+        raise ValueError("a probe batch has no tokens to predict (every label is masked or padding)")
+    loss = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+    return loss, tokens
+
+
+def gradient_probe(
+    model: nn.Module,
+    dataset,
+    num_layers: int | None = None,
+    probe_batches: int = 5,
+    chunk_size: int = 8,
+    device: str | torch.device | None = None,
+    compute_dtype: torch.dtype | None = None,
+    seed: int = 42,
+    *,
+    batch_size: int = 1,
+    metric: str = "grad_norm",
+    pad_token_id: int | None = None,
+    progress: bool = True,
+) -> LayerScores:
+    """Score every decoder block by the gradient its weights receive on a few batches of the task.
+
+    Args:
+        model: A transformers causal LM (or a PEFT/DDP/FSDP wrapper; a PeftModel's base weights are probed,
+            not its adapters). Left exactly as found: weights, ``requires_grad``, train/eval mode,
+            ``.grad`` and hooks, also when the probe raises.
+        dataset: Tokenized rows with ``input_ids`` (optionally ``attention_mask`` and ``labels``): an HF
+            ``Dataset`` (torch format or not), an ``IterableDataset``, a list of dicts, or a ``DataLoader``
+            yielding padded batches. Sized datasets are sampled with ``seed`` as the reference does.
+        num_layers: Number of decoder blocks; detected when omitted, checked against the model when given.
+        probe_batches: Batches to accumulate scores over.
+        chunk_size: Memory bound kept from the reference: gradients of at most this many blocks are held
+            at once (the one-pass probe holds about one weight tensor's gradient, so any value >= 1 holds).
+        device: Where the batches go; the model's device by default. The model is not moved.
+        compute_dtype: Autocast dtype for a CUDA forward pass (e.g. ``torch.bfloat16``); None runs the
+            model in its own dtype. Scores are accumulated in float32 either way.
+        seed: Seed of the batch sampling.
+        batch_size: Rows per probe batch (padded on the right; padding is masked out of the loss).
+        metric: One of ``grad_norm`` (default, the reference's), ``grad_rms``, ``fisher``, ``grad_weight``.
+        pad_token_id: Token id used to pad batches; the model config's pad/eos id, else 0.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        Block index -> score (summed over batches), with ``meta`` describing the run.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_positive_int("num_layers", num_layers, allow_none=True)
+    _check_positive_int("probe_batches", probe_batches)
+    _check_positive_int("chunk_size", chunk_size)
+    _check_positive_int("batch_size", batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    if compute_dtype is not None and not isinstance(compute_dtype, torch.dtype):
+        raise TypeError(f"compute_dtype must be a torch.dtype or None, got {compute_dtype!r}")
+
+    stack = find_decoder_stack(model)
+    if num_layers is not None and num_layers != stack.num_layers:
+        raise ValueError(
+            f"num_layers={num_layers} does not match the model: {stack.path} holds {stack.num_layers} blocks"
+        )
+    base = unwrap_model(model)
+    if device is None:
+        first = next(base.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    if pad_token_id is None:
+        config = getattr(base, "config", None)
+        pad_token_id = getattr(config, "pad_token_id", None)
+        if pad_token_id is None:
+            eos = getattr(config, "eos_token_id", None)
+            pad_token_id = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+        pad_token_id = int(pad_token_id) if isinstance(pad_token_id, numbers.Integral) else 0
+    batches = _probe_batches(dataset, probe_batches, batch_size, seed, pad_token_id)
+
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    vocab_size = getattr(embeddings, "num_embeddings", None)
+    per_block = block_parameters(stack)
+    if not any(per_block):
+        raise ValueError(f"{type(base).__name__}: the decoder blocks at {stack.path} hold no floating-point weights")
+    layer_of = {id(p): i for i, params in enumerate(per_block) for _, p in params}
+    numel = torch.tensor([sum(p.numel() for _, p in params) for params in per_block], dtype=torch.float64)
+
+    params = list(model.parameters())
+    saved_requires_grad = [p.requires_grad for p in params]
+    saved_grads = [p.grad for p in params]
+    saved_modes = [(m, m.training) for m in model.modules()]
+    handles = []
+    total = torch.zeros(stack.num_layers, dtype=torch.float64)
+    tokens = 0
+    try:
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+        batch_sums = torch.zeros(stack.num_layers, dtype=torch.float32, device=device)
+
+        def reduce_and_free(p: torch.Tensor) -> None:
+            g = p.grad
+            if metric == "grad_norm":
+                value = torch.linalg.vector_norm(g, dtype=torch.float32)
+            elif metric == "grad_weight":
+                value = (g.float() * p.detach().float()).abs().sum()
+            else:  # grad_rms and fisher both start from the sum of squares
+                value = torch.linalg.vector_norm(g, dtype=torch.float32).square()
+            batch_sums[layer_of[id(p)]] += value.to(device)
+            p.grad = None
+
+        for block_params in per_block:
+            for _, p in block_params:
+                p.requires_grad_(True)
+                handles.append(p.register_post_accumulate_grad_hook(reduce_and_free))
+
+        model.eval()  # no dropout: the same batches give the same scores
+        use_autocast = compute_dtype is not None and device.type == "cuda"
+        bar = tqdm(batches, desc="gradient probe", unit="batch", disable=not progress)
+        for b, batch in enumerate(bar):
+            batch_sums.zero_()
+            with torch.autocast("cuda", dtype=compute_dtype) if use_autocast else nullcontext():
+                loss, n_tokens = _causal_lm_loss(model, batch, device, vocab_size)
+            if not torch.isfinite(loss):
+                raise ValueError(f"probe batch {b}: the loss is {loss.item()} (not finite); check the model and data")
+            loss.backward()
+            values = batch_sums.double().cpu()
+            bad = [i for i in range(stack.num_layers) if not math.isfinite(values[i])]
+            if bad:
+                raise ValueError(f"probe batch {b}: non-finite gradient in layer(s) {bad} of {stack.path}")
+            if metric == "grad_rms":
+                values = (values / numel.clamp(min=1)).sqrt()
+            total += values
+            tokens += n_tokens
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, requires_grad, grad in zip(params, saved_requires_grad, saved_grads):
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+        for module, training in saved_modes:
+            module.training = training
+
+    meta = {
+        "metric": metric,
+        "probe_batches": len(batches),
+        "batch_size": batch_size,
+        "tokens": tokens,
+        "seed": int(seed),
+        "model_type": stack.model_type,
+        "stack_path": stack.path,
+        "num_layers": stack.num_layers,
+    }
+    logger.info(
+        "probed %d blocks of %s on %d batches (%d tokens)", stack.num_layers, stack.model_type, len(batches), tokens
+    )
+    return LayerScores({i: float(v) for i, v in enumerate(total.tolist())}, meta)
