@@ -1,0 +1,392 @@
+"""Training: LoRA on the selected blocks with the HF Trainer, on a path that keeps the backward pass short.
+
+Autograd stops the backward pass at the lowest block with a trainable parameter; that is where most of
+selective LoRA's speed comes from. Two common set-ups silently throw it away by making the embeddings'
+output require grad: ``enable_input_require_grads()`` (PEFT's k-bit preparation, transformers'
+checkpointing) and reentrant gradient checkpointing. Here checkpointing is always non-reentrant, every
+input-require-grads hook is removed, and a monitor records how deep each backward pass really went.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from functools import partial
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from aletheia_lora.data import IGNORE_INDEX, pad_collate
+from aletheia_lora.layers import DecoderStack, find_decoder_stack, unwrap_model
+
+logger = logging.getLogger(__name__)
+
+EMBEDDINGS = -1  # "lowest layer reached" when the backward pass ran down into the embeddings
+_INPUT_GRAD_HOOKS = {"make_inputs_require_grads", "make_inputs_require_grad"}
+
+
+@dataclass
+class TrainConfig:
+    """How to train the adapters. Field help strings are shared by the CLI and the docs."""
+
+    max_steps: int = field(default=100, metadata={"help": "Optimizer steps to train for."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate of AdamW."})
+    batch_size: int = field(default=4, metadata={"help": "Sequences per device per step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches accumulated per step."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "Learning-rate schedule: linear, cosine or constant."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 turns it off)."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many steps."})
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every this many steps (0: only at the end)."})
+    save_steps: int = field(default=50, metadata={"help": "Write a resumable checkpoint every this many steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in the backward pass to save memory (non-reentrant, slower)."},
+    )
+    bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 mixed precision (GPU)."})
+    seed: int = field(default=0, metadata={"help": "Seed of data order and adapter initialisation."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "logging_steps", "save_total_limit")
+        non_negative = ("warmup_steps", "eval_steps", "save_steps", "seed")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if f.type == "int" or f.name in positive + non_negative:
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise TypeError(f"{flag} must be an integer, got {value!r}")
+                if f.name in positive and value <= 0:
+                    raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+                if f.name in non_negative and value < 0:
+                    raise ValueError(f"{flag} must be >= 0, got {value!r}")
+            elif f.type == "float":
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                    raise TypeError(f"{flag} must be a finite number, got {value!r}")
+                if value < 0 or (f.name == "learning_rate" and value == 0):
+                    raise ValueError(
+                        f"{flag} must be {'positive' if f.name == 'learning_rate' else '>= 0'}, got {value!r}"
+                    )
+            elif f.type == "bool" and not isinstance(value, bool):
+                raise TypeError(f"{flag} must be true or false, got {value!r}")
+        if self.lr_scheduler_type not in ("linear", "cosine", "constant"):
+            raise ValueError(f"--lr-scheduler-type must be linear, cosine or constant, got {self.lr_scheduler_type!r}")
+
+
+def remove_input_require_grads_hooks(model: nn.Module) -> int:
+    """Remove every forward hook that makes an embedding output require grad; return how many were removed.
+
+    ``enable_input_require_grads()`` is needed only by reentrant checkpointing; with it, the backward pass
+    runs down to the embeddings whatever layers are adapted. Enabling checkpointing and then wrapping with
+    PEFT registers two such hooks, and one ``disable_input_require_grads()`` removes only one.
+    """
+    removed = 0
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") in _INPUT_GRAD_HOOKS:
+                del module._forward_hooks[key]
+                removed += 1
+    for wrapper in (model, unwrap_model(model)):
+        # transformers keeps the handle to remove the hook later; it is gone now
+        if hasattr(wrapper, "_require_grads_hook"):
+            try:
+                del wrapper._require_grads_hook
+            except AttributeError:
+                pass
+    return removed
+
+
+def count_input_require_grads_hooks(model: nn.Module) -> int:
+    """How many input-require-grads hooks the model carries."""
+    return sum(
+        getattr(hook, "__name__", "") in _INPUT_GRAD_HOOKS
+        for m in model.modules()
+        for hook in m._forward_hooks.values()
+    )
+
+
+def prepare_lora_model(
+    model: nn.Module, lora_config: LoraConfig, *, gradient_checkpointing: bool = False
+) -> PeftModel:
+    """Wrap ``model`` with the LoRA adapters of ``lora_config``, keeping the backward pass as short as it can be.
+
+    Args:
+        model: The base causal LM (not yet a PeftModel).
+        lora_config: From :func:`apply_aletheia_lora`.
+        gradient_checkpointing: Enable non-reentrant activation checkpointing (no input grads needed).
+
+    Returns:
+        The PeftModel, with no input-require-grads hook left.
+    """
+    if isinstance(model, PeftModel):
+        raise TypeError("model is already a PeftModel; pass the base model (model.get_base_model())")
+    if not isinstance(lora_config, LoraConfig):
+        raise TypeError(f"lora_config must be a peft LoraConfig, got {type(lora_config).__name__}")
+    found = count_input_require_grads_hooks(model)
+    if found:
+        logger.warning(
+            "the model carries %d input-require-grads hook(s) (enable_input_require_grads or k-bit preparation): "
+            "they force the backward pass down to the embeddings and cancel the speed-up of layer selection; "
+            "removing them",
+            found,
+        )
+    if gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    peft_model = get_peft_model(model, lora_config)
+    remove_input_require_grads_hooks(peft_model)
+    return peft_model
+
+
+class BackwardDepthMonitor:
+    """Records the lowest decoder block the backward pass actually reached (``EMBEDDINGS`` = below block 0).
+
+    A tensor hook on each block's output fires only when autograd computes the gradient there, so this
+    measures what happened, not what the configuration suggests.
+    """
+
+    def __init__(self, model: nn.Module, stack: DecoderStack | None = None) -> None:
+        self.stack = stack or find_decoder_stack(model)
+        self.lowest: int | None = None
+        self._handles = []
+
+    def _record(self, index: int) -> None:
+        self.lowest = index if self.lowest is None else min(self.lowest, index)
+
+    def _on_output(self, index: int, module: nn.Module, args, output) -> None:
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(lambda grad: self._record(index) or grad)
+
+    def _on_first_input(self, module: nn.Module, args, kwargs) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(lambda grad: self._record(EMBEDDINGS) or grad)
+
+    def __enter__(self) -> BackwardDepthMonitor:
+        for i, block in enumerate(self.stack.blocks):
+            self._handles.append(block.register_forward_hook(partial(self._on_output, i)))
+        self._handles.append(self.stack.blocks[0].register_forward_pre_hook(self._on_first_input, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    dataset: Sequence,
+    *,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Token-weighted mean next-token loss (and perplexity) over a tokenized dataset, padding excluded."""
+    if len(dataset) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    try:
+        for start in range(0, len(dataset), batch_size):
+            if max_batches is not None and start // batch_size >= max_batches:
+                break
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = {k: v.to(device) for k, v in pad_collate(rows, pad_token_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            n = int((targets != IGNORE_INDEX).sum())
+            if n == 0:
+                continue
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.size(-1)),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            total += float(loss)
+            tokens += n
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("the evaluation data has no tokens to predict")
+    mean = total / tokens
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens}
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_lora` did."""
+
+    model: PeftModel
+    adapter_dir: Path | None
+    log_history: list[dict]
+    step_times: list[float]
+    lowest_layer_reached: int | None
+    trainable_parameters: int
+    train_seconds: float
+
+
+def _atomic_save_adapter(model: PeftModel, target: Path) -> None:
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)
+
+
+def train_lora(
+    model: nn.Module,
+    lora_config: LoraConfig,
+    train_dataset,
+    eval_dataset=None,
+    config: TrainConfig | None = None,
+    *,
+    output_dir: str | os.PathLike,
+    pad_token_id: int = 0,
+    resume: bool = False,
+    callbacks: Sequence = (),
+    on_log: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Fine-tune LoRA adapters on the selected blocks with the HF Trainer (single process, DDP or FSDP alike).
+
+    Args:
+        model: The base causal LM.
+        lora_config: From :func:`apply_aletheia_lora`.
+        train_dataset: Tokenized rows (``input_ids``, optional ``attention_mask``/``labels``).
+        eval_dataset: Optional held-out rows, evaluated every ``config.eval_steps`` steps.
+        config: Training settings.
+        output_dir: Where checkpoints (``checkpoints/``) and the final adapter (``adapter/``) go.
+        pad_token_id: Padding id for batches; padding never enters the loss.
+        resume: Continue from the last checkpoint in ``output_dir/checkpoints``.
+        callbacks: Extra ``TrainerCallback`` objects.
+        on_log: Called with each log record (loss, learning rate, eval loss).
+
+    Returns:
+        A :class:`TrainResult`; ``adapter_dir`` loads with ``PeftModel.from_pretrained``.
+    """
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    config = config or TrainConfig()
+    if len(train_dataset) == 0:
+        raise ValueError("train_dataset is empty")
+    output_dir = Path(output_dir)
+    checkpoints = output_dir / "checkpoints"
+    resume_from = None
+    if resume:
+        resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if resume_from is None:
+            raise ValueError(f"--resume: no checkpoint found in {str(checkpoints)!r}")
+        logger.info("resuming from %s", resume_from)
+
+    torch.manual_seed(config.seed)
+    peft_model = prepare_lora_model(model, lora_config, gradient_checkpointing=config.gradient_checkpointing)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    step_times: list[float] = []
+
+    class _Recorder(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step_times.append(time.perf_counter() - self._start)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if on_log is not None and logs and state.is_world_process_zero:
+                on_log({"step": state.global_step, **logs})
+
+    use_cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=config.logging_steps,
+        eval_strategy="steps" if eval_dataset is not None and config.eval_steps else "no",
+        eval_steps=config.eval_steps or None,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or config.max_steps,
+        save_total_limit=config.save_total_limit,
+        bf16=config.bf16,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to=[],
+        disable_tqdm=not config.progress,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        use_cpu=not use_cuda,
+    )
+    # Checkpointing is left off in the Trainer's arguments: its own set-up would add an input-grad hook.
+    trainer = Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=partial(pad_collate, pad_token_id=pad_token_id),
+        callbacks=[_Recorder(), *callbacks],
+    )
+    start = time.perf_counter()
+    try:
+        with BackwardDepthMonitor(peft_model) as depth:
+            trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        logger.error(
+            "training interrupted at step %d; %s",
+            trainer.state.global_step,
+            f"last checkpoint {last} (continue with --resume)" if last else "no checkpoint was written yet",
+        )
+        raise
+    seconds = time.perf_counter() - start
+    adapter_dir = None
+    if trainer.is_world_process_zero():
+        adapter_dir = output_dir / "adapter"
+        _atomic_save_adapter(peft_model, adapter_dir)
+    if depth.lowest is not None:
+        lowest_name = "the embeddings" if depth.lowest == EMBEDDINGS else f"block {depth.lowest}"
+        logger.info("the backward pass reached down to %s", lowest_name)
+    return TrainResult(
+        model=peft_model,
+        adapter_dir=adapter_dir,
+        log_history=list(trainer.state.log_history),
+        step_times=step_times,
+        lowest_layer_reached=depth.lowest,
+        trainable_parameters=trainable,
+        train_seconds=seconds,
+    )
