@@ -6,6 +6,7 @@ import logging
 import numbers
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from peft import LoraConfig
 from torch import nn
@@ -24,6 +25,50 @@ _KNOWN_KINDS = {
     **dict.fromkeys(["gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc"], MLP),
     **dict.fromkeys(["dense_h_to_4h", "dense_4h_to_h", "mlp.c_proj", "w1", "w2", "w3"], MLP),
 }
+
+
+@dataclass
+class LoraSettings:
+    """LoRA settings. Field help strings are shared by the CLI and the docs."""
+
+    r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    attention_r: int | None = field(default=None, metadata={"help": "Rank of the attention projections."})
+    mlp_r: int | None = field(default=None, metadata={"help": "Rank of the MLP projections."})
+    attention_alpha: float | None = field(
+        default=None, metadata={"help": "Alpha of the attention projections (default: follows the rank)."}
+    )
+    mlp_alpha: float | None = field(
+        default=None, metadata={"help": "Alpha of the MLP projections (default: follows the rank)."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names to adapt (default: the architecture's attention and MLP)."}
+    )
+    target_experts: bool = field(default=False, metadata={"help": "Also adapt fused MoE expert weights."})
+
+    def __post_init__(self) -> None:
+        for name in ("r", "lora_alpha", "attention_r", "mlp_r", "attention_alpha", "mlp_alpha"):
+            value = getattr(self, name)
+            if value is None and name not in ("r", "lora_alpha"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
+            if name in ("r", "attention_r", "mlp_r") and not float(value).is_integer():
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, numbers.Real):
+            raise ValueError(f"--lora-dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora-dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+
+    def kwargs(self) -> dict:
+        """Keyword arguments for :func:`apply_aletheia_lora`."""
+        out = {k: getattr(self, k) for k in ("r", "lora_alpha", "attention_r", "mlp_r", "lora_dropout")}
+        out.update(attention_alpha=self.attention_alpha, mlp_alpha=self.mlp_alpha)
+        out["r"] = int(self.r)
+        for k in ("attention_r", "mlp_r"):
+            out[k] = None if out[k] is None else int(out[k])
+        return {**out, "target_modules": self.target_modules, "target_experts": self.target_experts}
 
 
 def validate_selected_layers(selected_layers, num_layers: int | None = None) -> list[int]:

@@ -21,6 +21,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -300,3 +301,38 @@ def load_model_and_tokenizer(
     if target_device is not None:
         model.to(target_device)
     return model, tokenizer
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load. Field help strings are shared by the CLI and the docs."""
+
+    model: str = field(
+        default=BUNDLED_MODEL,
+        metadata={
+            "help": f"{BUNDLED_MODEL!r} (bundled SmolLM2-135M-Instruct, offline), a local checkpoint folder, "
+            "or a Hugging Face Hub id"
+        },
+    )
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto."})
+    device: str | None = field(default=None, metadata={"help": "Device, e.g. cpu or cuda (default: cuda if present)."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run code shipped with a checkpoint (off unless asked)."}
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"--model must be a model name or path, got {self.model!r}")
+        try:
+            resolve_dtype(self.dtype)
+        except ValueError as exc:
+            raise ValueError(f"--dtype: {exc}") from None
+        if not isinstance(self.trust_remote_code, bool):
+            raise ValueError(f"--trust-remote-code must be true or false, got {self.trust_remote_code!r}")
+
+    def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """Load the model (on ``device``, else on CUDA when available) and its tokenizer."""
+        device = self.device or ("cuda" if torch.cuda.is_available() else None)
+        return load_model_and_tokenizer(
+            self.model, dtype=self.dtype, trust_remote_code=self.trust_remote_code, device=device
+        )

@@ -12,9 +12,9 @@ import logging
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aletheia_lora.data import IGNORE_INDEX, pad_collate
+from aletheia_lora.files import write_json
 from aletheia_lora.layers import block_parameters, find_decoder_stack, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,41 @@ METRICS = {
     "fisher": "sum of squared gradients over a block's weights (empirical Fisher diagonal trace)",
     "grad_weight": "sum of |gradient x weight| over a block's weights (first-order Taylor importance)",
 }
+
+
+@dataclass
+class ProbeConfig:
+    """Probe settings. Field help strings are shared by the CLI and the docs."""
+
+    probe_batches: int = field(default=5, metadata={"help": "Batches the gradient probe accumulates scores over."})
+    probe_batch_size: int = field(default=1, metadata={"help": "Rows per probe batch (padding is masked)."})
+    chunk_size: int = field(
+        default=8, metadata={"help": "Memory bound kept from the reference: at most this many blocks' gradients held."}
+    )
+    metric: str = field(
+        default="grad_norm", metadata={"help": "Probe score: " + "; ".join(f"{k}: {v}" for k, v in METRICS.items())}
+    )
+    probe_seed: int = field(default=42, metadata={"help": "Seed of the probe's batch sampling."})
+
+    def __post_init__(self) -> None:
+        for name in ("probe_batches", "probe_batch_size", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if isinstance(self.probe_seed, bool) or not isinstance(self.probe_seed, numbers.Integral):
+            raise ValueError(f"--probe-seed must be an integer, got {self.probe_seed!r}")
+
+    def kwargs(self) -> dict:
+        """Keyword arguments for :func:`gradient_probe`."""
+        return {
+            "probe_batches": self.probe_batches,
+            "batch_size": self.probe_batch_size,
+            "chunk_size": self.chunk_size,
+            "metric": self.metric,
+            "seed": self.probe_seed,
+        }
 
 
 class LayerScores(dict):
@@ -47,17 +83,7 @@ class LayerScores(dict):
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write scores and metadata as JSON, atomically (a temporary file, then a rename)."""
-        payload = {"scores": {str(k): float(v) for k, v in sorted(self.items())}, "meta": self.meta}
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(payload, f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json(path, {"scores": {str(k): float(v) for k, v in sorted(self.items())}, "meta": self.meta})
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> LayerScores:

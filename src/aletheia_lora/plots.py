@@ -1,0 +1,72 @@
+"""Plots: per-layer probe scores with the selection marked, and loss curves. PNG files, no display needed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_layer_scores(
+    scores: Mapping[int, float],
+    selected: Sequence[int],
+    path: str | os.PathLike,
+    *,
+    title: str = "Gradient probe: per-layer scores",
+    metric: str = "grad_norm",
+) -> Path:
+    """Bar chart of the probe score of every layer, selected layers highlighted."""
+    plt = _pyplot()
+    layers = sorted(scores)
+    chosen = set(selected)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(layers) + 2), 3.6))
+    colors = ["tab:orange" if i in chosen else "tab:gray" for i in layers]
+    ax.bar(layers, [scores[i] for i in layers], color=colors)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(f"score ({metric})")
+    ax.set_title(title)
+    ax.set_xticks(layers[:: max(1, len(layers) // 30)])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:orange", "tab:gray")]
+    ax.legend(handles, [f"selected ({len(chosen)})", "not selected"], loc="upper right", fontsize=8)
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_loss_curves(log_history: Sequence[Mapping], path: str | os.PathLike, *, title: str = "Training") -> Path:
+    """Training loss (and eval loss, where logged) against the optimizer step."""
+    plt = _pyplot()
+    train = [(r["step"], r["loss"]) for r in log_history if "loss" in r and "step" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r and "step" in r]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    if train:
+        ax.plot(*zip(*train), marker=".", label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    if train or evals:
+        ax.legend()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
