@@ -1,12 +1,33 @@
-"""Layer selection: turn per-block probe scores into the list of blocks that get LoRA adapters."""
+"""Layer selection: turn per-block probe scores into the list of blocks that get LoRA adapters.
+
+All strategies keep the same number of blocks ``k``; they differ in where the lowest one lies, which sets
+most of a step's cost (see :mod:`aletheia_lora.cost`): autograd stops the backward pass at the lowest
+adapted block. Gradient-norm probes rank the low blocks highest, so the top-``k`` by score nearly always
+keeps block 0 and saves little time.
+
+* ``score``: the ``k`` highest-scoring blocks (the reference rule).
+* ``contiguous``: the top ``k`` blocks, ``[L - k, L)``: the fastest placement, blind to the scores.
+* ``truncation``: for each candidate lowest block ``m``, ``m`` plus the ``k - 1`` best-scoring blocks above
+  it; these points trace the trade-off between captured score and speed (:func:`selection_frontier`), and
+  the strategy picks one of them (see :func:`select_layers`).
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
-STRATEGIES = ("score",)
+from aletheia_lora.config import validate_selected_layers
+from aletheia_lora.cost import Calibration, CostModel
+
+STRATEGIES = ("score", "contiguous", "truncation")
+
+# A relative slack so that a target equal to a point's own speedup (e.g. read off the frontier) is reached.
+_SPEEDUP_TOLERANCE = 1e-9
+
+Cost = Callable[[Sequence[int]], float]
 
 
 def validate_scores(layer_scores: Mapping[int, float]) -> dict[int, float]:
@@ -42,29 +63,216 @@ def budget_from(num_layers: int, top_pct: float | None, top_k: int | None) -> in
     return max(int(num_layers * top_pct / 100), 1)
 
 
+def _budget(scores: dict[int, float], top_pct: float | None, top_k: int | None) -> int:
+    if top_k is not None and top_pct not in (None, 50):
+        raise ValueError(f"give top_pct or top_k, not both (top_pct={top_pct!r}, top_k={top_k!r})")
+    return budget_from(len(scores), None if top_k is not None else top_pct, top_k)
+
+
+def _top_by_score(scores: Mapping[int, float], layers, k: int) -> list[int]:
+    """The ``k`` best-scoring of ``layers``, ties going to the lower index."""
+    return sorted(layers, key=lambda layer: (-scores[layer], layer))[:k]
+
+
+@dataclass(frozen=True)
+class SelectionSummary:
+    """What a layer selection keeps and what it is predicted to save.
+
+    Attributes:
+        layers: The selected blocks, sorted.
+        lowest_layer: The lowest selected block: the backward pass stops there.
+        captured_share: Share of the total probe score held by the selected blocks, in [0, 1].
+        speedup: Predicted step-time ratio of LoRA on every block to LoRA on these (> 1 is faster).
+    """
+
+    layers: tuple[int, ...]
+    lowest_layer: int
+    captured_share: float
+    speedup: float
+
+
+@dataclass(frozen=True)
+class FrontierPoint(SelectionSummary):
+    """One candidate of the ``truncation`` strategy: a lowest block plus the best-scoring blocks above it.
+
+    Attributes:
+        pareto: No other candidate captures at least as much score at least as fast (and one of them more).
+    """
+
+    pareto: bool = True
+
+
+def _cost_fn(cost: CostModel | Calibration | Cost | None, scores: Mapping[int, float]) -> Cost:
+    """The speedup function for ``cost``, checked against the scored layers."""
+    needed = max(scores) + 1
+    if cost is None:
+        return CostModel.uniform(needed)
+    if isinstance(cost, (CostModel, Calibration)):
+        if cost.num_layers < needed:
+            raise ValueError(
+                f"layer_scores holds layer {needed - 1}, but the cost model has {cost.num_layers} layers; "
+                "build it from the same model as the scores"
+            )
+        return cost
+    if not callable(cost):
+        raise TypeError(
+            "cost must be a CostModel, a Calibration or a callable mapping a layer list to a speedup, "
+            f"got {type(cost).__name__}"
+        )
+    return cost
+
+
+def _speedup(cost: Cost, layers: list[int]) -> float:
+    value = cost(list(layers))
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"cost returned {value!r} for layers {layers}; it must return a finite speedup > 0")
+    return float(value)
+
+
+def _total_score(scores: Mapping[int, float]) -> float:
+    negative = {layer: s for layer, s in scores.items() if s < 0}
+    if negative:
+        raise ValueError(f"a captured score share needs non-negative scores; got negative ones: {negative}")
+    total = sum(scores.values())
+    if total == 0:
+        raise ValueError("every layer score is 0: there is no score share to capture")
+    return total
+
+
+def summarize_selection(
+    layer_scores: Mapping[int, float],
+    selected_layers: Sequence[int],
+    *,
+    cost: CostModel | Calibration | Cost | None = None,
+) -> SelectionSummary:
+    """Captured score share and predicted speedup of any layer selection.
+
+    Args:
+        layer_scores: Layer index -> non-negative score, as returned by :func:`gradient_probe`.
+        selected_layers: The selection to describe; every layer must have a score.
+        cost: What predicts the speedup: a :class:`CostModel` (FLOPs of the model), a :class:`Calibration`
+            (measured times), or any callable ``layers -> speedup``. Default: the model-free
+            approximation, :meth:`CostModel.uniform` over ``max(layer) + 1`` blocks.
+
+    Returns:
+        The summary.
+    """
+    scores = validate_scores(layer_scores)
+    layers = validate_selected_layers(selected_layers)
+    missing = [layer for layer in layers if layer not in scores]
+    if missing:
+        raise ValueError(f"selected_layers holds {missing}, which have no score in layer_scores")
+    total = _total_score(scores)
+    speedup = _speedup(_cost_fn(cost, scores), layers)
+    return SelectionSummary(tuple(layers), layers[0], sum(scores[i] for i in layers) / total, speedup)
+
+
+def selection_frontier(
+    layer_scores: Mapping[int, float],
+    top_pct: float | None = 50,
+    *,
+    top_k: int | None = None,
+    cost: CostModel | Calibration | Cost | None = None,
+) -> list[FrontierPoint]:
+    """Every candidate of the ``truncation`` strategy at a budget of ``k`` layers.
+
+    For each scored layer ``m`` with at least ``k - 1`` scored layers above it, the candidate is ``m`` plus the
+    ``k - 1`` best-scoring layers above ``m`` (ties to the lower index). The first point is the unconstrained
+    best that still contains the lowest layer; the last, ``m = L - k``, is the contiguous top block.
+
+    Args:
+        layer_scores: Layer index -> non-negative score.
+        top_pct: Share of layers to keep, as :func:`select_layers`.
+        top_k: Number of layers to keep instead of ``top_pct``.
+        cost: As :func:`summarize_selection`.
+
+    Returns:
+        The candidates, by ascending lowest layer.
+    """
+    scores = validate_scores(layer_scores)
+    k = _budget(scores, top_pct, top_k)
+    total = _total_score(scores)
+    speedup_of = _cost_fn(cost, scores)
+    ordered = sorted(scores)
+    points = []
+    for position in range(len(ordered) - k + 1):
+        lowest = ordered[position]
+        layers = sorted([lowest, *_top_by_score(scores, ordered[position + 1 :], k - 1)])
+        share = sum(scores[i] for i in layers) / total
+        points.append((tuple(layers), lowest, share, _speedup(speedup_of, layers)))
+    frontier = []
+    for layers, lowest, share, speedup in points:
+        dominated = any(s >= share and v >= speedup and (s > share or v > speedup) for _, _, s, v in points)
+        frontier.append(FrontierPoint(layers, lowest, share, speedup, pareto=not dominated))
+    return frontier
+
+
+def _pick(points: list[FrontierPoint], target_speedup: float | None, k: int, num_scored: int) -> FrontierPoint:
+    if target_speedup is None:
+        # Captured score per unit of step time; ties go to the faster point.
+        return max(points, key=lambda p: (p.captured_share * p.speedup, p.speedup))
+    reachable = [p for p in points if p.speedup >= target_speedup * (1 - _SPEEDUP_TOLERANCE)]
+    if not reachable:
+        fastest = max(points, key=lambda p: (p.speedup, p.captured_share))
+        raise ValueError(
+            f"target_speedup={target_speedup!r} is out of reach with {k} of {num_scored} layers: the fastest "
+            f"candidate (lowest layer {fastest.lowest_layer}) is predicted at {fastest.speedup:.3f}x; "
+            "lower target_speedup or keep fewer layers"
+        )
+    return max(reachable, key=lambda p: (p.captured_share, p.speedup))
+
+
 def select_layers(
     layer_scores: Mapping[int, float],
     top_pct: float | None = 50,
     *,
     top_k: int | None = None,
     strategy: str = "score",
+    target_speedup: float | None = None,
+    cost: CostModel | Calibration | Cost | None = None,
 ) -> list[int]:
-    """Select the most informative layers.
+    """Select the layers that get LoRA adapters.
 
     Args:
         layer_scores: Layer index -> score, as returned by :func:`gradient_probe`.
         top_pct: Share of layers to keep, in [1, 100]: ``k = floor(n * top_pct / 100)``, at least 1.
         top_k: Number of layers to keep instead of ``top_pct``.
-        strategy: ``score``: the ``k`` highest-scoring layers, ties going to the lower index.
+        strategy: All strategies keep ``k`` layers.
+
+            * ``score``: the ``k`` highest-scoring layers, ties going to the lower index.
+            * ``contiguous``: the ``k`` highest-index layers (``[L - k, L)``): the fastest placement.
+            * ``truncation``: one point of :func:`selection_frontier`. With ``target_speedup``, the point
+              that captures the most score among those predicted at least that fast. Without it, the point
+              that maximises ``captured_share * speedup``, the score captured per unit of step time: it
+              moves the lowest layer up only while the time saved outweighs the score given up, and needs
+              no threshold to be tuned. Ties go to the faster point.
+        target_speedup: Wanted speedup over LoRA on every layer (``truncation`` only).
+        cost: What predicts speedups for ``truncation``: a :class:`CostModel`, a :class:`Calibration` or a
+            callable ``layers -> speedup``. Default: the model-free approximation (uniform blocks, no head).
 
     Returns:
         The selected layer indices, sorted.
+
+    Raises:
+        ValueError: bad scores or budget, an unknown strategy, ``target_speedup`` without ``truncation`` or
+            out of reach (the message names the fastest candidate's speedup).
     """
     scores = validate_scores(layer_scores)
-    if top_k is not None and top_pct not in (None, 50):
-        raise ValueError(f"give top_pct or top_k, not both (top_pct={top_pct!r}, top_k={top_k!r})")
-    k = budget_from(len(scores), None if top_k is not None else top_pct, top_k)
+    k = _budget(scores, top_pct, top_k)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
-    ranked = sorted(scores, key=lambda layer: (-scores[layer], layer))
-    return sorted(ranked[:k])
+    if target_speedup is not None:
+        if strategy != "truncation":
+            raise ValueError(f"target_speedup applies to strategy='truncation', not {strategy!r}")
+        if isinstance(target_speedup, bool) or not isinstance(target_speedup, numbers.Real):
+            raise TypeError(
+                f"target_speedup must be a number, got {target_speedup!r} ({type(target_speedup).__name__})"
+            )
+        if not (math.isfinite(target_speedup) and target_speedup > 0):
+            raise ValueError(f"target_speedup must be a finite number > 0, got {target_speedup!r}")
+    if strategy == "score":
+        return sorted(_top_by_score(scores, scores, k))
+    if strategy == "contiguous":
+        return sorted(scores)[-k:]
+    points = selection_frontier(scores, top_k=k, cost=cost)
+    return list(_pick(points, target_speedup, k, len(scores)).layers)
