@@ -5,8 +5,12 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+# The test models are tiny: one thread is faster, and OpenMP threads spin badly on a busy 2-core machine.
+torch.set_num_threads(1)
 
 EOS = "<|endoftext|>"
 BOS = "<s>"
@@ -65,3 +69,41 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_bos_tokenizer() -> PreTrainedTokenizerFast:
     """Like ``tiny_tokenizer``, but it prepends ``<s>`` to every encoded text (like Llama tokenizers)."""
     return make_tiny_tokenizer(with_bos=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random Llama saved with the tiny tokenizer: a local checkpoint folder for end-to-end tests."""
+    import torch
+    import transformers
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = make_tiny_tokenizer()
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """Small real-looking target and general text files."""
+    folder = tmp_path_factory.mktemp("corpus")
+    target = "\n\n".join(f"def f{i}(a, b):\n    return a + b * {i}\n" for i in range(60))
+    general = "\n\n".join(
+        "And the earth was without form, and void; and darkness was upon the deep." for _ in range(30)
+    )
+    (folder / "target.txt").write_text(target)
+    (folder / "general.txt").write_text(general)
+    return folder

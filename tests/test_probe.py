@@ -38,8 +38,10 @@ def naive_scores(model, rows, metric="grad_norm"):
 
 
 def sampled_rows(rows, n, seed=42):
-    order = list(torch.utils.data.RandomSampler(range(len(rows)), generator=torch.Generator().manual_seed(seed)))
-    return [rows[i] for i in order[:n]]
+    """The rows the reference draws: DataLoader(shuffle=True, generator=seed), batch size 1."""
+    g = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(range(len(rows)), batch_size=1, shuffle=True, generator=g)
+    return [rows[int(index)] for index in list(loader)[:n]]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -136,10 +136,17 @@ def _take_rows(dataset, n_rows: int, seed: int) -> list:
         size = len(dataset)
         if size == 0:
             raise ValueError("dataset is empty: the probe needs at least one tokenized row")
-        # The same permutation torch's DataLoader(shuffle=True, generator=seed) draws, batch size 1.
-        sampler = torch.utils.data.RandomSampler(range(size), generator=torch.Generator().manual_seed(seed))
+        # The reference's order: DataLoader(shuffle=True, generator=seed), batch size 1. The loader draws its
+        # worker base seed from the generator before sampling, so a bare RandomSampler would differ.
+        order = torch.utils.data.DataLoader(
+            range(size),
+            batch_size=1,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            collate_fn=lambda batch: batch[0],
+        )
         rows = []
-        for index in sampler:
+        for index in order:
             if len(rows) == n_rows:
                 break
             rows.append(dataset[index])

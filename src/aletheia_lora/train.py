@@ -293,7 +293,7 @@ def train_lora(
     Returns:
         A :class:`TrainResult`; ``adapter_dir`` loads with ``PeftModel.from_pretrained``.
     """
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     config = config or TrainConfig()
@@ -321,8 +321,10 @@ def train_lora(
             step_times.append(time.perf_counter() - self._start)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if on_log is not None and logs and state.is_world_process_zero:
-                on_log({"step": state.global_step, **logs})
+            if logs and state.is_world_process_zero:
+                logger.debug("step %d: %s", state.global_step, logs)
+                if on_log is not None:
+                    on_log({"step": state.global_step, **logs})
 
     use_cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
     args = TrainingArguments(
@@ -361,6 +363,8 @@ def train_lora(
         data_collator=partial(pad_collate, pad_token_id=pad_token_id),
         callbacks=[_Recorder(), *callbacks],
     )
+    # Progress and losses reach the user through the progress bar and logging, not print().
+    trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     try:
         with BackwardDepthMonitor(peft_model) as depth:

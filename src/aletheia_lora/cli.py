@@ -1,0 +1,327 @@
+"""Command line: `aletheia-lora probe|select|config|train|run|bench`, each a thin layer over a library function.
+
+User errors (bad flags, files, folders) exit with status 2 and one line on stderr; ``--debug`` shows the
+traceback. Flags can also come from a YAML or JSON file (``--config FILE``); flags on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from aletheia_lora import __version__
+
+logger = logging.getLogger("aletheia_lora")
+
+# Errors that mean "the input was wrong", answered with one line and exit status 2.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_dataclass(parser: argparse.ArgumentParser, cls: type, title: str, seen: set[str]) -> None:
+    """One flag per dataclass field, with the field's help string; a field name shared by two groups is one flag."""
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if f.name in seen:
+            continue
+        seen.add(f.name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "") + " (default: %(default)s)"
+        kind = str(f.type)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("list["):
+            kwargs.update(nargs="+", metavar="NAME")
+        else:
+            base = kind.split("|")[0].strip()
+            kwargs["type"] = {"int": int, "float": float}.get(base, str)
+            kwargs["metavar"] = base.upper()
+        group.add_argument(_flag(f.name), **kwargs)
+
+
+def _build(cls: type, args: argparse.Namespace):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    # "none" in a flag or config file means None for optional settings
+    values = {k: (None if isinstance(v, str) and v.lower() == "none" else v) for k, v in values.items()}
+    return cls(**values)
+
+
+def _groups(command: str) -> list[tuple[str, type]]:
+    from aletheia_lora.config import LoraSettings
+    from aletheia_lora.data import DataConfig
+    from aletheia_lora.models import ModelConfig
+    from aletheia_lora.pipeline import SelectConfig
+    from aletheia_lora.probe import ProbeConfig
+    from aletheia_lora.train import TrainConfig
+
+    model = ("model", ModelConfig)
+    data = ("data", DataConfig)
+    probe = ("probe", ProbeConfig)
+    select = ("selection", SelectConfig)
+    lora = ("LoRA", LoraSettings)
+    train = ("training", TrainConfig)
+    return {
+        "probe": [model, data, probe, select],
+        "select": [select],
+        "config": [select, lora],
+        "train": [model, data, probe, select, lora, train],
+        "run": [model, data, probe, select, lora, train],
+    }[command]
+
+
+def _run_config(args: argparse.Namespace):
+    from aletheia_lora.pipeline import RunConfig
+
+    classes = {cls.__name__: cls for _, cls in _groups("run")}
+    return RunConfig(
+        model=_build(classes["ModelConfig"], args),
+        data=_build(classes["DataConfig"], args),
+        probe=_build(classes["ProbeConfig"], args),
+        select=_build(classes["SelectConfig"], args),
+        lora=_build(classes["LoraSettings"], args),
+        train=_build(classes["TrainConfig"], args),
+    )
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from aletheia_lora.data import build_datasets
+    from aletheia_lora.files import prepare_output_dir
+    from aletheia_lora.pipeline import probe_and_select
+
+    config = _run_config(args)
+    out = prepare_output_dir(args.out, overwrite=args.overwrite)
+    model, tokenizer = config.model.load()
+    train_rows, _, _ = build_datasets(dataclasses.replace(config.data, general_data=None), tokenizer)
+    result = probe_and_select(model, train_rows, config, out, progress=not args.quiet)
+    _print_selection(result["selection"])
+    print(f"wrote {out / 'scores.json'}, {out / 'selection.json'} and {out / 'layer_scores.png'}")
+    return 0
+
+
+def _print_selection(selection: dict) -> None:
+    print(f"strategy        {selection['strategy']}")
+    print(f"selected        {selection['selected_layers']}")
+    if "score_share" in selection:
+        print(f"score captured  {selection['score_share']:.1%}")
+    if "predicted_speedup" in selection:
+        print(f"predicted       {selection['predicted_speedup']:.2f}x faster per step than LoRA on all layers")
+    for name, other in selection.get("alternatives", {}).items():
+        print(
+            f"  {name:<12} share {other['score_share']:.1%}, predicted {other['predicted_speedup']:.2f}x, "
+            f"lowest layer {other['lowest_layer']}"
+        )
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    from aletheia_lora.files import write_json
+    from aletheia_lora.pipeline import describe_selection
+    from aletheia_lora.probe import LayerScores
+
+    scores = LayerScores.from_json(args.scores)
+    selection = describe_selection(scores, **_build(_groups("select")[0][1], args).kwargs())
+    _print_selection(selection)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.out, selection)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _selected_layers(args: argparse.Namespace) -> list[int]:
+    from aletheia_lora.pipeline import describe_selection
+    from aletheia_lora.probe import LayerScores
+
+    if args.layers is not None and args.scores is not None:
+        raise ValueError("give --layers or --scores, not both")
+    if args.layers is not None:
+        return list(args.layers)
+    if args.scores is None:
+        raise ValueError("give --scores FILE (from `aletheia-lora probe`) or --layers N [N ...]")
+    scores = LayerScores.from_json(args.scores)
+    select_cls = next(cls for title, cls in _groups("config") if title == "selection")
+    return describe_selection(scores, **_build(select_cls, args).kwargs())["selected_layers"]
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from aletheia_lora.config import LoraSettings, aletheia_lora_config, apply_aletheia_lora
+    from aletheia_lora.files import write_text
+
+    layers = _selected_layers(args)
+    lora = _build(LoraSettings, args).kwargs()
+    if args.model:
+        from aletheia_lora.models import ModelConfig
+
+        model, _ = ModelConfig(model=args.model, trust_remote_code=args.trust_remote_code).load()
+        config = apply_aletheia_lora(model, layers, **lora)
+    else:
+        lora.pop("target_experts")
+        config = aletheia_lora_config(layers, **lora)
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        text = (Path(tmp) / "adapter_config.json").read_text()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_text(args.out, text)
+        print(f"wrote {args.out} (load with peft.LoraConfig.from_json_file)")
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace, evaluate: bool = False) -> int:
+    from aletheia_lora.pipeline import run_pipeline, summary_table
+
+    config = _run_config(args)
+    if args.quiet:
+        config.train.progress = False
+    report = run_pipeline(
+        config,
+        args.out,
+        evaluate=evaluate,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        layers=args.layers,
+        scores_file=args.scores,
+    )
+    print()
+    print(summary_table(report))
+    print(f"\nreport: {Path(args.out) / 'metrics.json'} (plots: layer_scores.png, loss_curve.png)")
+    return 0
+
+
+def _load_config_file(path: str) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"--config: cannot read {path!r}: {exc.strerror or exc}") from None
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as exc:  # yaml and json raise different errors; both mean the same to the user
+        raise ValueError(
+            f"--config: {path!r} is not valid {'YAML' if path.endswith(('yaml', 'yml')) else 'JSON'}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config: {path!r} must hold a mapping of flag names to values")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The argument parser, and each subcommand's parser by name."""
+    parser = argparse.ArgumentParser(
+        prog="aletheia-lora",
+        description="Gradient-guided layer selection for efficient LoRA fine-tuning.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    common.add_argument("--config", metavar="FILE", help="YAML or JSON file of flag values (flags given here win)")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    helps = {
+        "probe": "score every layer with the gradient probe; write scores.json, selection.json, layer_scores.png",
+        "select": "select layers from a scores.json",
+        "config": "write the PEFT LoraConfig (adapter_config.json) for a selection",
+        "train": "probe, select and LoRA fine-tune; save an adapter that loads with PeftModel.from_pretrained",
+        "run": "train, plus evaluation before/after (target loss, general-corpus loss) and a report",
+    }
+    parsers = {}
+    for name, help_text in helps.items():
+        sub = subs.add_parser(name, parents=[common], help=help_text, description=help_text)
+        seen: set[str] = set()
+        for title, cls in _groups(name):
+            _add_dataclass(sub, cls, title, seen)
+        if name in ("probe", "train", "run"):
+            sub.add_argument("--out", default=f"runs/{name}", help="output folder (default: %(default)s)")
+            sub.add_argument("--overwrite", action="store_true", help="write into an existing output folder")
+        if name in ("train", "run"):
+            sub.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+        if name in ("select", "config", "train", "run"):
+            sub.add_argument("--scores", help="scores.json from `aletheia-lora probe` (skips the probe)")
+        if name in ("config", "train", "run"):
+            sub.add_argument("--layers", type=int, nargs="+", metavar="N", help="adapt these layers (skips the probe)")
+        if name == "select":
+            sub.set_defaults(scores=None)
+            sub.add_argument("--out", help="write the selection to this JSON file")
+        if name == "config":
+            sub.add_argument("--model", help="take module names and layer pattern from this model (else Llama names)")
+            sub.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with --model")
+            sub.add_argument("--out", help="write adapter_config.json here (default: stdout)")
+        parsers[name] = sub
+    return parser, parsers
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser, parsers = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        values = _load_config_file(args.config)
+        sub = parsers[args.command]
+        known = {action.dest for action in sub._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"--config: unknown setting(s) {unknown} for `aletheia-lora {args.command}`")
+        sub.set_defaults(**values)
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `aletheia-lora` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING if "-q" in argv or "--quiet" in argv else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s" if debug else "aletheia-lora: %(message)s",
+    )
+    if "-q" in argv or "--quiet" in argv:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    if not debug:
+        for noisy in ("transformers", "peft", "accelerate", "datasets", "httpx", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        args = _parse(argv)
+        commands = {
+            "probe": _cmd_probe,
+            "select": _cmd_select,
+            "config": _cmd_config,
+            "train": _cmd_train,
+            "run": lambda a: _cmd_train(a, evaluate=True),
+        }
+        return commands[args.command](args)
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"aletheia-lora: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a vanished folder: the user's environment, not a bug
+        if debug:
+            raise
+        print(f"aletheia-lora: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aletheia-lora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

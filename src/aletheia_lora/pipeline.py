@@ -1,0 +1,309 @@
+"""The whole job: load, probe, select, fine-tune, evaluate, report. What `aletheia-lora train` and `run` call."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from aletheia_lora.config import LoraSettings, apply_aletheia_lora
+from aletheia_lora.cost import CostModel
+from aletheia_lora.data import DataConfig, build_datasets
+from aletheia_lora.files import prepare_output_dir, write_json
+from aletheia_lora.layers import find_decoder_stack
+from aletheia_lora.models import ModelConfig
+from aletheia_lora.plots import plot_layer_scores, plot_loss_curves
+from aletheia_lora.probe import LayerScores, ProbeConfig, gradient_probe
+from aletheia_lora.select import STRATEGIES, budget_from, select_layers, selection_frontier, summarize_selection
+from aletheia_lora.train import EMBEDDINGS, TrainConfig, evaluate_loss, train_lora
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SelectConfig:
+    """Layer-selection settings. Field help strings are shared by the CLI and the docs."""
+
+    top_pct: float = field(default=50, metadata={"help": "Share of layers to adapt, in [1, 100]."})
+    top_k: int | None = field(default=None, metadata={"help": "Number of layers to adapt (instead of --top-pct)."})
+    strategy: str = field(
+        default="score",
+        metadata={
+            "help": "score: the top layers by probe score (the reference); contiguous: the top block of layers; "
+            "truncation: the best-scoring layers above a lowest layer chosen for score captured per step time"
+        },
+    )
+    target_speedup: float | None = field(
+        default=None, metadata={"help": "With --strategy truncation: the predicted speedup to reach at least."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.top_k is not None:
+            budget_from(10**9, None, self.top_k)  # type and range checks; the real bound is checked at selection
+        else:
+            budget_from(100, self.top_pct, None)
+
+    def kwargs(self) -> dict:
+        """Keyword arguments for :func:`select_layers` / :func:`describe_selection`."""
+        return {
+            "top_pct": None if self.top_k is not None else self.top_pct,
+            "top_k": self.top_k,
+            "strategy": self.strategy,
+            "target_speedup": self.target_speedup,
+        }
+
+
+def describe_selection(
+    scores,
+    *,
+    model=None,
+    seq_len: int = 128,
+    batch_size: int = 1,
+    top_pct: float | None = 50,
+    top_k: int | None = None,
+    strategy: str = "score",
+    target_speedup: float | None = None,
+) -> dict:
+    """Select layers and describe the choice: score captured, predicted speedup, and every strategy side by side.
+
+    With ``model`` the speedups come from its FLOP count at ``seq_len`` x ``batch_size``; without it, from the
+    model-free approximation (uniform blocks).
+    """
+    cost = CostModel.from_model(model, seq_len=seq_len, batch_size=batch_size) if model is not None else None
+    budget = {"top_pct": top_pct, "top_k": top_k}
+    layers = select_layers(scores, **budget, strategy=strategy, target_speedup=target_speedup, cost=cost)
+    summary = summarize_selection(scores, layers, cost=cost)
+    alternatives = {}
+    for name in STRATEGIES:
+        other = summarize_selection(scores, select_layers(scores, **budget, strategy=name, cost=cost), cost=cost)
+        alternatives[name] = {
+            "layers": list(other.layers),
+            "score_share": other.captured_share,
+            "predicted_speedup": other.speedup,
+            "lowest_layer": other.lowest_layer,
+        }
+    frontier = [
+        {"lowest_layer": p.lowest_layer, "score_share": p.captured_share, "predicted_speedup": p.speedup}
+        for p in selection_frontier(scores, **budget, cost=cost)
+    ]
+    return {
+        "strategy": strategy,
+        **budget,
+        "target_speedup": target_speedup,
+        "selected_layers": layers,
+        "lowest_layer": summary.lowest_layer,
+        "score_share": summary.captured_share,
+        "predicted_speedup": summary.speedup,
+        "cost_model": cost.description if cost is not None else "uniform blocks (no model)",
+        "alternatives": alternatives,
+        "frontier": frontier,
+    }
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; each part is also a group of CLI flags."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the stack, recorded in every report."""
+    import peft
+    import transformers
+
+    from aletheia_lora import __version__
+
+    return {
+        "aletheia_lora": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def probe_and_select(model, train_rows, config: RunConfig, out_dir: Path | None, *, progress: bool = True) -> dict:
+    """Probe the model, select layers, and (with ``out_dir``) write scores.json, selection.json, layer_scores.png."""
+    start = time.perf_counter()
+    scores = gradient_probe(model, train_rows, progress=progress, **config.probe.kwargs())
+    probe_seconds = time.perf_counter() - start
+    selection = describe_selection(
+        scores,
+        model=model,
+        seq_len=config.data.max_length,
+        batch_size=config.train.batch_size,
+        **config.select.kwargs(),
+    )
+    selection["probe_seconds"] = probe_seconds
+    if out_dir is not None:
+        scores.to_json(out_dir / "scores.json")
+        write_json(out_dir / "selection.json", selection)
+        plot_layer_scores(
+            scores,
+            selection["selected_layers"],
+            out_dir / "layer_scores.png",
+            metric=scores.meta.get("metric", "grad_norm"),
+            title=f"{scores.meta.get('model_type', '')}: probe scores, {selection['strategy']} selection",
+        )
+    return {"scores": scores, "selection": selection}
+
+
+def _eval_all(model, eval_rows, general_rows, batch_size: int, pad_token_id: int) -> dict:
+    result = {"target": evaluate_loss(model, eval_rows, batch_size=batch_size, pad_token_id=pad_token_id)}
+    if general_rows is not None and len(general_rows):
+        result["general"] = evaluate_loss(model, general_rows, batch_size=batch_size, pad_token_id=pad_token_id)
+    return result
+
+
+def run_pipeline(
+    config: RunConfig,
+    out_dir: str | Path,
+    *,
+    evaluate: bool = True,
+    overwrite: bool = False,
+    resume: bool = False,
+    layers: list[int] | None = None,
+    scores_file: str | Path | None = None,
+) -> dict:
+    """Probe -> select -> LoRA fine-tune -> (evaluate before/after) -> report, writing everything to ``out_dir``.
+
+    Args:
+        config: The run's settings.
+        out_dir: Output folder: scores.json, selection.json, layer_scores.png, adapter/, checkpoints/,
+            metrics.json, loss_curve.png, run_config.json. Refused if it exists, unless ``overwrite``/``resume``.
+        evaluate: Measure target-domain and general-corpus loss before and after training.
+        overwrite: Write into an existing folder (only this run's files are replaced; nothing is deleted).
+        resume: Continue training from the last checkpoint in ``out_dir/checkpoints``.
+        layers: Train these layers and skip the probe.
+        scores_file: Select from these saved scores instead of probing.
+
+    Returns:
+        The report written to metrics.json.
+    """
+    out = prepare_output_dir(out_dir, overwrite=overwrite, resume=resume)
+    torch.manual_seed(config.train.seed)
+    write_json(out / "run_config.json", {k: asdict(v) for k, v in vars(config).items()})
+    progress = config.train.progress
+
+    model, tokenizer = config.model.load()
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stack = find_decoder_stack(model)
+    train_rows, eval_rows, general_rows = build_datasets(config.data, tokenizer)
+    logger.info(
+        "data: %d training rows, %d eval rows, %s general rows of up to %d tokens",
+        len(train_rows),
+        len(eval_rows),
+        len(general_rows) if general_rows is not None else "no",
+        config.data.max_length,
+    )
+    report = {
+        "model": config.model.model,
+        "model_type": stack.model_type,
+        "num_layers": stack.num_layers,
+        "versions": versions(),
+        "data": {"train_rows": len(train_rows), "eval_rows": len(eval_rows), "max_length": config.data.max_length},
+    }
+
+    if evaluate:
+        logger.info("evaluating the base model")
+        report["eval_before"] = _eval_all(model, eval_rows, general_rows, config.train.batch_size, pad_token_id)
+
+    if layers is not None:
+        selection = {"strategy": "given", "selected_layers": sorted(layers), "probe_seconds": 0.0}
+        write_json(out / "selection.json", selection)
+    elif scores_file is not None:
+        scores = LayerScores.from_json(scores_file)
+        if len(scores) != stack.num_layers:
+            raise ValueError(f"--scores {str(scores_file)!r} has {len(scores)} layers, the model {stack.num_layers}")
+        selection = describe_selection(
+            scores,
+            model=model,
+            seq_len=config.data.max_length,
+            batch_size=config.train.batch_size,
+            **config.select.kwargs(),
+        )
+        selection["probe_seconds"] = 0.0
+        write_json(out / "selection.json", selection)
+    else:
+        selection = probe_and_select(model, train_rows, config, out, progress=progress)["selection"]
+    report["selection"] = selection
+    selected = selection["selected_layers"]
+    logger.info("adapting layers %s", selected)
+
+    lora_config = apply_aletheia_lora(model, selected, **config.lora.kwargs())
+    result = train_lora(
+        model,
+        lora_config,
+        train_rows,
+        eval_rows,
+        config.train,
+        output_dir=out,
+        pad_token_id=pad_token_id,
+        resume=resume,
+    )
+    steps = result.step_times[1:] or result.step_times  # the first step pays one-off warm-up costs
+    median_step = statistics.median(steps) if steps else float("nan")
+    tokens_per_step = config.train.batch_size * config.train.gradient_accumulation_steps * config.data.max_length
+    report["train"] = {
+        "steps": len(result.step_times),
+        "seconds": result.train_seconds,
+        "median_step_seconds": median_step,
+        "tokens_per_second": tokens_per_step / median_step if median_step else None,
+        "lowest_layer_reached": "embeddings"
+        if result.lowest_layer_reached == EMBEDDINGS
+        else result.lowest_layer_reached,
+        "trainable_parameters": result.trainable_parameters,
+        "final_train_loss": next((r["loss"] for r in reversed(result.log_history) if "loss" in r), None),
+    }
+    report["log_history"] = result.log_history
+    report["adapter"] = str(result.adapter_dir) if result.adapter_dir else None
+    if evaluate:
+        logger.info("evaluating the fine-tuned model")
+        report["eval_after"] = _eval_all(result.model, eval_rows, general_rows, config.train.batch_size, pad_token_id)
+    plot_loss_curves(
+        result.log_history, out / "loss_curve.png", title=f"{stack.model_type}: LoRA on {len(selected)} layers"
+    )
+    write_json(out / "metrics.json", report)
+    return report
+
+
+def summary_table(report: dict) -> str:
+    """A short plain-text summary of a run for the terminal."""
+    sel = report["selection"]
+    lines = [
+        f"model           {report['model']} ({report['model_type']}, {report['num_layers']} layers)",
+        f"selected        {len(sel['selected_layers'])} layers ({sel['strategy']}): {sel['selected_layers']}",
+    ]
+    if "score_share" in sel:
+        lines.append(f"score captured  {sel['score_share']:.1%} of the total probe score")
+    if "predicted_speedup" in sel:
+        lines.append(f"predicted       {sel['predicted_speedup']:.2f}x faster per step than LoRA on all layers")
+    train = report["train"]
+    lines.append(
+        f"training        {train['steps']} steps in {train['seconds']:.0f} s "
+        f"({train['median_step_seconds']:.2f} s/step), backward reached {train['lowest_layer_reached']}"
+    )
+    if "eval_before" in report and "eval_after" in report:
+        for part in ("target", "general"):
+            if part in report["eval_before"]:
+                b, a = report["eval_before"][part], report["eval_after"][part]
+                lines.append(
+                    f"{part + ' loss':<15} {b['loss']:.3f} -> {a['loss']:.3f} "
+                    f"(perplexity {b['perplexity']:.1f} -> {a['perplexity']:.1f})"
+                )
+    if report.get("adapter"):
+        lines.append(f"adapter         {report['adapter']}")
+    return "\n".join(lines)

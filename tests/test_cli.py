@@ -1,0 +1,168 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from aletheia_lora.cli import main
+from aletheia_lora.data import DataConfig, build_datasets
+from aletheia_lora.train import evaluate_loss
+
+
+def tiny_args(checkpoint, corpus, out, *extra):
+    return [
+        "--model", str(checkpoint),
+        "--data", str(corpus / "target.txt"),
+        "--general-data", str(corpus / "general.txt"),
+        "--max-length", "16",
+        "--probe-batches", "2",
+        "--out", str(out),
+        "-q",
+        *extra,
+    ]  # fmt: skip
+
+
+TRAIN = ["--max-steps", "4", "--batch-size", "2", "--save-steps", "2", "--logging-steps", "1", "--r", "4"]
+
+
+def test_run_end_to_end_writes_everything_and_the_adapter_reproduces_the_model(
+    tiny_checkpoint, tiny_corpus, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    assert main(["run", *tiny_args(tiny_checkpoint, tiny_corpus, out, *TRAIN, "--top-pct", "50")]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"scores.json", "selection.json", "layer_scores.png", "adapter", "checkpoints", "metrics.json",
+            "loss_curve.png", "run_config.json"} <= names  # fmt: skip
+    report = json.loads((out / "metrics.json").read_text())
+    selected = report["selection"]["selected_layers"]
+    assert len(selected) == 2 and report["num_layers"] == 4
+    assert report["train"]["steps"] == 4
+    assert report["train"]["lowest_layer_reached"] == min(selected)
+    for part in ("target", "general"):
+        assert report["eval_before"][part]["loss"] > 0 and report["eval_after"][part]["loss"] > 0
+    printed = capsys.readouterr().out
+    assert "target loss" in printed and "metrics.json" in printed
+    # the adapter loads with plain PEFT and gives the evaluation the run reported
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_checkpoint), out / "adapter")
+    eval_rows = build_datasets(
+        DataConfig(data=str(tiny_corpus / "target.txt"), general_data=None, max_length=16), tokenizer
+    )[1]
+    loss = evaluate_loss(model, eval_rows, batch_size=2, pad_token_id=tokenizer.pad_token_id or 0)["loss"]
+    assert loss == pytest.approx(report["eval_after"]["target"]["loss"], rel=1e-5)
+    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_" in n}
+    assert adapted == set(selected)
+
+
+def test_same_seed_selects_the_same_layers(tiny_checkpoint, tiny_corpus, tmp_path):
+    selections = []
+    for name in ("a", "b"):
+        assert main(["probe", *tiny_args(tiny_checkpoint, tiny_corpus, tmp_path / name)]) == 0
+        selections.append(json.loads((tmp_path / name / "selection.json").read_text())["selected_layers"])
+        scores = json.loads((tmp_path / name / "scores.json").read_text())["scores"]
+        assert len(scores) == 4
+    assert selections[0] == selections[1]
+
+
+def test_probe_select_config_chain(tiny_checkpoint, tiny_corpus, tmp_path, capsys):
+    assert main(["probe", *tiny_args(tiny_checkpoint, tiny_corpus, tmp_path / "p")]) == 0
+    scores = tmp_path / "p" / "scores.json"
+    assert main(["select", "--scores", str(scores), "--top-k", "1", "--strategy", "contiguous",
+                 "--out", str(tmp_path / "sel.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "sel.json").read_text())["selected_layers"] == [3]
+    out = tmp_path / "cfg" / "adapter_config.json"
+    assert main(["config", "--scores", str(scores), "--top-k", "2", "--model", str(tiny_checkpoint),
+                 "--attention-r", "4", "--mlp-r", "8", "--out", str(out)]) == 0  # fmt: skip
+    config = LoraConfig.from_pretrained(str(tmp_path / "cfg"))
+    assert len(config.layers_to_transform) == 2
+    assert config.rank_pattern["q_proj"] == 4 and config.rank_pattern["down_proj"] == 8
+    capsys.readouterr()
+    assert main(["config", "--layers", "1", "3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["layers_to_transform"] == [1, 3]
+
+
+def test_config_file_gives_defaults_and_flags_win(tiny_checkpoint, tiny_corpus, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("top-k: 1\nstrategy: contiguous\nprobe_seed: 7\n")
+    assert main(["probe", "--config", str(config), "--top-k", "2",
+                 *tiny_args(tiny_checkpoint, tiny_corpus, tmp_path / "o")]) == 0  # fmt: skip
+    selection = json.loads((tmp_path / "o" / "selection.json").read_text())
+    assert selection["selected_layers"] == [2, 3]
+    scores = json.loads((tmp_path / "o" / "scores.json").read_text())
+    assert scores["meta"]["seed"] == 7
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["select", "--scores", "missing.json"], "cannot read scores file 'missing.json'"),
+        (["config"], "give --scores FILE"),
+        (["config", "--layers", "1", "1"], r"selected_layers holds duplicates: \[1\]"),
+        (["config", "--layers", "0", "--lora-dropout", "2"], r"--lora-dropout must be a number in \[0, 1\), got 2.0"),
+        (["probe", "--model", "/nonexistent/model"], "local model folder not found"),
+        (["run", "--max-steps", "0"], "--max-steps must be a positive integer, got 0"),
+        (["probe", "--probe-batches", "0"], "--probe-batches must be a positive integer, got 0"),
+        (["select", "--config", "nope.yaml", "--scores", "x"], "--config: cannot read 'nope.yaml'"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("aletheia-lora: error:")
+    assert __import__("re").search(message, err[0]), err[0]
+
+
+def test_existing_output_folder_is_refused_and_never_wiped(tiny_checkpoint, tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    assert main(["probe", *tiny_args(tiny_checkpoint, tiny_corpus, out)]) == 2
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert main(["probe", *tiny_args(tiny_checkpoint, tiny_corpus, out, "--overwrite")]) == 0
+    assert (out / "mine.txt").read_text() == "keep me"
+    assert (out / "scores.json").exists()
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"top_pct": 30, "learning_rate": 1}))
+    assert main(["select", "--config", str(config), "--scores", "x"]) == 2
+    assert "unknown setting(s) ['learning_rate']" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(ValueError, match="cannot read scores file"):
+        main(["select", "--scores", str(tmp_path / "missing.json"), "--debug"])
+
+
+@pytest.mark.parametrize("command", ["probe", "select", "config", "train", "run"])
+def test_help_of_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: aletheia-lora " + command)
+    if command == "run":
+        assert "--learning-rate" in out and "Peak learning rate of AdamW" in out
+        assert "--attention-r" in out and "--general-data" in out
+
+
+def test_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "aletheia_lora", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "usage: aletheia-lora" in result.stdout and "probe" in result.stdout and "run" in result.stdout
+
+
+def test_train_resume_continues(tiny_checkpoint, tiny_corpus, tmp_path):
+    out = tmp_path / "t"
+    assert main(["train", *tiny_args(tiny_checkpoint, tiny_corpus, out, *TRAIN)]) == 0
+    more = ["--max-steps", "6", *TRAIN[2:]]
+    assert main(["train", *tiny_args(tiny_checkpoint, tiny_corpus, out, *more, "--resume")]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["train"]["steps"] == 2
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert not list(out.rglob("*.bin")) or all("training_args" in p.name for p in out.rglob("*.bin"))
