@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from aletheia_lora import LayerScores, select_layers
 from aletheia_lora.cost import CostModel
-from aletheia_lora.select import SelectionSummary, selection_frontier, summarize_selection
+from aletheia_lora.select import SelectionSummary, default_target_speedup, selection_frontier, summarize_selection
 from test_cost import SMOLLM2
 
 
@@ -120,14 +120,23 @@ def test_truncation_honours_target_speedup():
         select_layers(PROBE_LIKE, strategy="truncation", target_speedup=1.5)
 
 
-def test_truncation_default_maximises_score_per_unit_time():
+def test_truncation_default_aims_at_half_the_achievable_gain():
     cost = CostModel.from_model(SMOLLM2, seq_len=128, batch_size=2, r=8)
-    chosen = select_layers(PROBE_LIKE, strategy="truncation", cost=cost)
     points = selection_frontier(PROBE_LIKE, cost=cost)
-    best = max(points, key=lambda p: p.captured_share * p.speedup)
-    assert chosen == list(best.layers)
-    # a flat profile gives nothing up by moving up: the default then goes all the way to the contiguous block
+    target = default_target_speedup(points)
+    assert target == pytest.approx((points[0].speedup + points[-1].speedup) / 2)
+    chosen = select_layers(PROBE_LIKE, strategy="truncation", cost=cost)
+    assert chosen == select_layers(PROBE_LIKE, strategy="truncation", cost=cost, target_speedup=target)
+    # neither endpoint: it keeps the best layers above a cut that buys half the time the top block would
+    assert chosen[0] not in (0, 15) and cost.speedup(chosen) >= target
+    assert cost.speedup(select_layers(PROBE_LIKE, strategy="truncation", cost=cost)) == pytest.approx(
+        min(p.speedup for p in points if p.speedup >= target)
+    )
+    # a flat profile gives nothing up by moving up: ties go to the faster candidate, the top block
     assert select_layers(dict.fromkeys(range(8), 1.0), strategy="truncation") == [4, 5, 6, 7]
+    # no candidate is faster when the backward reaches the embeddings anyway: the score selection
+    hooked = CostModel.uniform(30, backward_to_embeddings=True)
+    assert select_layers(PROBE_LIKE, strategy="truncation", cost=hooked) == select_layers(PROBE_LIKE)
 
 
 def test_summarize_selection():
