@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +60,8 @@ def _groups(command: str) -> list[tuple[str, type]]:
     from aletheia_lora.config import LoraSettings
     from aletheia_lora.data import DataConfig
     from aletheia_lora.models import ModelConfig
-    from aletheia_lora.pipeline import SelectConfig
     from aletheia_lora.probe import ProbeConfig
+    from aletheia_lora.select import SelectConfig
     from aletheia_lora.train import TrainConfig
 
     model = ("model", ModelConfig)
@@ -123,8 +124,8 @@ def _print_selection(selection: dict) -> None:
 
 def _cmd_select(args: argparse.Namespace) -> int:
     from aletheia_lora.files import write_json
-    from aletheia_lora.pipeline import describe_selection
     from aletheia_lora.probe import LayerScores
+    from aletheia_lora.select import describe_selection
 
     scores = LayerScores.from_json(args.scores)
     selection = describe_selection(scores, **_build(_groups("select")[0][1], args).kwargs())
@@ -137,8 +138,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _selected_layers(args: argparse.Namespace) -> list[int]:
-    from aletheia_lora.pipeline import describe_selection
     from aletheia_lora.probe import LayerScores
+    from aletheia_lora.select import describe_selection
 
     if args.layers is not None and args.scores is not None:
         raise ValueError("give --layers or --scores, not both")
@@ -295,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
     if not debug:
+        # PEFT still calls a transformers alias deprecated in v5; the user can do nothing about it
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
         for noisy in ("transformers", "peft", "accelerate", "datasets", "httpx", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

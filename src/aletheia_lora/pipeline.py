@@ -12,99 +12,16 @@ from pathlib import Path
 import torch
 
 from aletheia_lora.config import LoraSettings, apply_aletheia_lora
-from aletheia_lora.cost import CostModel
 from aletheia_lora.data import DataConfig, build_datasets
 from aletheia_lora.files import prepare_output_dir, write_json
 from aletheia_lora.layers import find_decoder_stack
 from aletheia_lora.models import ModelConfig
 from aletheia_lora.plots import plot_layer_scores, plot_loss_curves
 from aletheia_lora.probe import LayerScores, ProbeConfig, gradient_probe
-from aletheia_lora.select import STRATEGIES, budget_from, select_layers, selection_frontier, summarize_selection
+from aletheia_lora.select import SelectConfig, describe_selection
 from aletheia_lora.train import EMBEDDINGS, TrainConfig, evaluate_loss, train_lora
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SelectConfig:
-    """Layer-selection settings. Field help strings are shared by the CLI and the docs."""
-
-    top_pct: float = field(default=50, metadata={"help": "Share of layers to adapt, in [1, 100]."})
-    top_k: int | None = field(default=None, metadata={"help": "Number of layers to adapt (instead of --top-pct)."})
-    strategy: str = field(
-        default="score",
-        metadata={
-            "help": "score: the top layers by probe score (the reference); contiguous: the top block of layers; "
-            "truncation: the best-scoring layers above a lowest layer chosen for score captured per step time"
-        },
-    )
-    target_speedup: float | None = field(
-        default=None, metadata={"help": "With --strategy truncation: the predicted speedup to reach at least."}
-    )
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.top_k is not None:
-            budget_from(10**9, None, self.top_k)  # type and range checks; the real bound is checked at selection
-        else:
-            budget_from(100, self.top_pct, None)
-
-    def kwargs(self) -> dict:
-        """Keyword arguments for :func:`select_layers` / :func:`describe_selection`."""
-        return {
-            "top_pct": None if self.top_k is not None else self.top_pct,
-            "top_k": self.top_k,
-            "strategy": self.strategy,
-            "target_speedup": self.target_speedup,
-        }
-
-
-def describe_selection(
-    scores,
-    *,
-    model=None,
-    seq_len: int = 128,
-    batch_size: int = 1,
-    top_pct: float | None = 50,
-    top_k: int | None = None,
-    strategy: str = "score",
-    target_speedup: float | None = None,
-) -> dict:
-    """Select layers and describe the choice: score captured, predicted speedup, and every strategy side by side.
-
-    With ``model`` the speedups come from its FLOP count at ``seq_len`` x ``batch_size``; without it, from the
-    model-free approximation (uniform blocks).
-    """
-    cost = CostModel.from_model(model, seq_len=seq_len, batch_size=batch_size) if model is not None else None
-    budget = {"top_pct": top_pct, "top_k": top_k}
-    layers = select_layers(scores, **budget, strategy=strategy, target_speedup=target_speedup, cost=cost)
-    summary = summarize_selection(scores, layers, cost=cost)
-    alternatives = {}
-    for name in STRATEGIES:
-        other = summarize_selection(scores, select_layers(scores, **budget, strategy=name, cost=cost), cost=cost)
-        alternatives[name] = {
-            "layers": list(other.layers),
-            "score_share": other.captured_share,
-            "predicted_speedup": other.speedup,
-            "lowest_layer": other.lowest_layer,
-        }
-    frontier = [
-        {"lowest_layer": p.lowest_layer, "score_share": p.captured_share, "predicted_speedup": p.speedup}
-        for p in selection_frontier(scores, **budget, cost=cost)
-    ]
-    return {
-        "strategy": strategy,
-        **budget,
-        "target_speedup": target_speedup,
-        "selected_layers": layers,
-        "lowest_layer": summary.lowest_layer,
-        "score_share": summary.captured_share,
-        "predicted_speedup": summary.speedup,
-        "cost_model": cost.description if cost is not None else "uniform blocks (no model)",
-        "alternatives": alternatives,
-        "frontier": frontier,
-    }
 
 
 @dataclass

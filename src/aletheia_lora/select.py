@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aletheia_lora.config import validate_selected_layers
 from aletheia_lora.cost import Calibration, CostModel
@@ -292,3 +292,86 @@ def select_layers(
         return sorted(scores)[-k:]
     points = selection_frontier(scores, top_k=k, cost=cost)
     return list(_pick(points, target_speedup, k, len(scores)).layers)
+
+
+@dataclass
+class SelectConfig:
+    """Layer-selection settings. Field help strings are shared by the CLI and the docs."""
+
+    top_pct: float = field(default=50, metadata={"help": "Share of layers to adapt, in [1, 100]."})
+    top_k: int | None = field(default=None, metadata={"help": "Number of layers to adapt (instead of --top-pct)."})
+    strategy: str = field(
+        default="score",
+        metadata={
+            "help": "score: the top layers by probe score (the reference); contiguous: the top block of layers; "
+            "truncation: the best-scoring layers above a lowest layer moved up until half the achievable speed-up "
+            "is predicted (or --target-speedup)"
+        },
+    )
+    target_speedup: float | None = field(
+        default=None, metadata={"help": "With --strategy truncation: the predicted speedup to reach at least."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.top_k is not None:
+            budget_from(10**9, None, self.top_k)  # type and range checks; the real bound is checked at selection
+        else:
+            budget_from(100, self.top_pct, None)
+
+    def kwargs(self) -> dict:
+        """Keyword arguments for :func:`select_layers` / :func:`describe_selection`."""
+        return {
+            "top_pct": None if self.top_k is not None else self.top_pct,
+            "top_k": self.top_k,
+            "strategy": self.strategy,
+            "target_speedup": self.target_speedup,
+        }
+
+
+def describe_selection(
+    scores,
+    *,
+    model=None,
+    seq_len: int = 128,
+    batch_size: int = 1,
+    top_pct: float | None = 50,
+    top_k: int | None = None,
+    strategy: str = "score",
+    target_speedup: float | None = None,
+) -> dict:
+    """Select layers and describe the choice: score captured, predicted speedup, and every strategy side by side.
+
+    With ``model`` the speedups come from its FLOP count at ``seq_len`` x ``batch_size``; without it, from the
+    model-free approximation (uniform blocks).
+    """
+    cost = CostModel.from_model(model, seq_len=seq_len, batch_size=batch_size) if model is not None else None
+    budget = {"top_pct": top_pct, "top_k": top_k}
+    layers = select_layers(scores, **budget, strategy=strategy, target_speedup=target_speedup, cost=cost)
+    summary = summarize_selection(scores, layers, cost=cost)
+    alternatives = {}
+    for name in STRATEGIES:
+        other = summarize_selection(scores, select_layers(scores, **budget, strategy=name, cost=cost), cost=cost)
+        alternatives[name] = {
+            "layers": list(other.layers),
+            "score_share": other.captured_share,
+            "predicted_speedup": other.speedup,
+            "lowest_layer": other.lowest_layer,
+        }
+    frontier = [
+        {"lowest_layer": p.lowest_layer, "score_share": p.captured_share, "predicted_speedup": p.speedup}
+        for p in selection_frontier(scores, **budget, cost=cost)
+    ]
+    return {
+        "strategy": strategy,
+        **budget,
+        "target_speedup": target_speedup,
+        "selected_layers": layers,
+        "lowest_layer": summary.lowest_layer,
+        "score_share": summary.captured_share,
+        "predicted_speedup": summary.speedup,
+        "cost_model": cost.description if cost is not None else "uniform blocks (no model)",
+        "alternatives": alternatives,
+        "frontier": frontier,
+    }
