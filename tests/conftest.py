@@ -107,3 +107,13 @@ def tiny_corpus(tmp_path_factory):
     (folder / "target.txt").write_text(target)
     (folder / "general.txt").write_text(general)
     return folder
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA; on a CPU-only machine they are skipped, and say so."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
