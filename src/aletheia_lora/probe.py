@@ -12,21 +12,32 @@ import logging
 import math
 import numbers
 import os
+import zlib
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from aletheia_lora.data import IGNORE_INDEX, pad_collate
+from aletheia_lora.distributed import (
+    agree,
+    collective_device,
+    fail_together,
+    fsdp1_units,
+    is_dtensor,
+    is_sharded_model,
+)
 from aletheia_lora.files import write_json
 from aletheia_lora.layers import block_parameters, find_decoder_stack, unwrap_model
 
 logger = logging.getLogger(__name__)
+
 
 METRICS = {
     "grad_norm": "sum over a block's weight tensors of the gradient's L2 norm (the reference's score)",
@@ -210,6 +221,74 @@ def _causal_lm_loss(
     return loss, tokens
 
 
+def _data_parallel_inner(model: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel wrappers. Running it directly synchronises no gradient: each rank's
+    gradients stay its own batches' gradients, and the scores are reduced across ranks afterwards instead."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2, tensor parallel); a plain tensor as it is."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def _replication(model: nn.Module, tensors: list[torch.Tensor], units: list[nn.Module], world: int) -> torch.Tensor:
+    """Per weight, on how many ranks each of its elements lives: summing over all ranks counts it this often.
+
+    FSDP1 FULL_SHARD / SHARD_GRAD_OP and FSDP2 keep each element on one rank; hybrid sharding replicates the
+    shards across groups; NO_SHARD and unsharded weights are whole on every rank.
+    """
+    factor = {}
+    for unit in reversed(units):  # pre-order list reversed: a weight belongs to its innermost unit
+        strategy = getattr(getattr(unit, "sharding_strategy", None), "name", "FULL_SHARD")
+        shard_ranks = int(getattr(unit, "world_size", world) or world)
+        copies = world if strategy == "NO_SHARD" else max(1, world // shard_ranks)
+        for p in unit.parameters():
+            factor.setdefault(id(p), copies)
+    result = []
+    for p in tensors:
+        if is_dtensor(p):
+            mesh = p.device_mesh
+            if mesh.size() != world:
+                raise ValueError(
+                    f"a weight is a DTensor on a mesh of {mesh.size()} ranks, but the process group has {world}: "
+                    "the probe sums over the whole process group"
+                )
+            copies = 1
+            for dim, placement in enumerate(p.placements):
+                if placement.is_replicate():
+                    copies *= mesh.size(dim)
+            result.append(copies)
+        else:
+            result.append(factor.get(id(p), world))
+    return torch.tensor(result, dtype=torch.float64)
+
+
+def _fingerprint(batches: list[dict]) -> int:
+    """A checksum of the probe batches, to check that every rank sampled the same global set."""
+    checksum = zlib.crc32(str(len(batches)).encode())
+    for batch in batches:
+        for key in ("input_ids", "attention_mask", "labels"):
+            if batch.get(key) is not None:
+                values = torch.as_tensor(batch[key]).to("cpu", torch.int64).contiguous()
+                checksum = zlib.crc32(str(tuple(values.shape)).encode(), checksum)
+                checksum = zlib.crc32(values.numpy().tobytes(), checksum)
+    return checksum
+
+
+def _check_same_batches(batches: list[dict], comm_device: torch.device) -> None:
+    mine = _fingerprint(batches)
+    extremes = torch.tensor([mine, -mine], dtype=torch.int64, device=comm_device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    if int(extremes[0]) != -int(extremes[1]):
+        raise ValueError(
+            "the ranks sampled different probe batches: pass the same (unsharded) dataset and seed on every rank; "
+            "the probe divides the batches among the ranks itself"
+        )
+
+
 def gradient_probe(
     model: nn.Module,
     dataset,
@@ -224,8 +303,17 @@ def gradient_probe(
     metric: str = "grad_norm",
     pad_token_id: int | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> LayerScores:
     """Score every decoder block by the gradient its weights receive on a few batches of the task.
+
+    Under several processes (``torch.distributed`` initialised by torchrun or accelerate) every rank must call
+    this with the same dataset and seed, and every rank gets the same scores. The global sample of batches is
+    the single-process one; each rank probes its share (batches ``rank, rank + world, ...``) and the per-layer
+    sums are added across ranks in float64. A DDP/DataParallel wrapper is looked through (no gradient is
+    synchronised). A sharded model (FSDP1 with ``use_orig_params=True``, FSDP2 ``fully_shard``, other DTensor
+    weights) needs every rank in every forward pass: there all ranks run every batch together and each weight's
+    squared gradient norm is summed over its shards before the root is taken.
 
     Args:
         model: A transformers causal LM (or a PEFT/DDP/FSDP wrapper; a PeftModel's base weights are probed,
@@ -235,9 +323,10 @@ def gradient_probe(
             ``Dataset`` (torch format or not), an ``IterableDataset``, a list of dicts, or a ``DataLoader``
             yielding padded batches. Sized datasets are sampled with ``seed`` as the reference does.
         num_layers: Number of decoder blocks; detected when omitted, checked against the model when given.
-        probe_batches: Batches to accumulate scores over.
+        probe_batches: Batches to accumulate scores over (in all, over all ranks).
         chunk_size: Memory bound kept from the reference: gradients of at most this many blocks are held
             at once (the one-pass probe holds about one weight tensor's gradient, so any value >= 1 holds).
+            A sharded model holds this rank's shard of every gradient until its backward pass ends.
         device: Where the batches go; the model's device by default. The model is not moved.
         compute_dtype: Autocast dtype for a CUDA forward pass (e.g. ``torch.bfloat16``); None runs the
             model in its own dtype. Scores are accumulated in float32 either way.
@@ -245,10 +334,14 @@ def gradient_probe(
         batch_size: Rows per probe batch (padded on the right; padding is masked out of the loss).
         metric: One of ``grad_norm`` (default, the reference's), ``grad_rms``, ``fisher``, ``grad_weight``.
         pad_token_id: Token id used to pad batches; the model config's pad/eos id, else 0.
-        progress: Show a tqdm progress bar.
+        progress: Show a tqdm progress bar (on rank 0 only).
+        distributed: Share the batches among the ranks of the initialised process group and reduce the
+            scores (None: whenever one with several ranks is initialised); False probes every batch in this
+            process alone, with no collective call (e.g. when only rank 0 probes).
 
     Returns:
-        Block index -> score (summed over batches), with ``meta`` describing the run.
+        Block index -> score (summed over batches), with ``meta`` describing the run (``world_size``: how
+        many ranks shared the batches; ``sharded``: whether the weights were sharded).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -262,17 +355,43 @@ def gradient_probe(
         raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
     if compute_dtype is not None and not isinstance(compute_dtype, torch.dtype):
         raise TypeError(f"compute_dtype must be a torch.dtype or None, got {compute_dtype!r}")
-
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be True, False or None, got {distributed!r}")
+    # FSDP1 flat parameters are plain Parameters marked with _is_flat_param (a metaclass makes isinstance work)
+    if any(getattr(p, "_is_flat_param", False) or type(p).__name__ == "FlatParameter" for p in model.parameters()):
+        raise ValueError(
+            "an FSDP model wrapped with use_orig_params=False hides its weights in flat parameters: "
+            "wrap it with use_orig_params=True (accelerate: fsdp_use_orig_params: true)"
+        )
     stack = find_decoder_stack(model)
     if num_layers is not None and num_layers != stack.num_layers:
         raise ValueError(
             f"num_layers={num_layers} does not match the model: {stack.path} holds {stack.num_layers} blocks"
         )
     base = unwrap_model(model)
+    runner = _data_parallel_inner(model)
+    if type(runner).__name__ == "DeepSpeedEngine" or any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise TypeError(
+            "DeepSpeed-wrapped or ZeRO-partitioned models are not supported by the probe (untested): probe the "
+            "model before deepspeed.initialize / accelerator.prepare; the probe reduces across ranks by itself"
+        )
+    units = fsdp1_units(runner)
+    sharded = is_sharded_model(runner)
+    initialised = dist.is_available() and dist.is_initialized()
+    if distributed and not initialised:
+        raise ValueError("distributed=True but torch.distributed is not initialised (start with torchrun/accelerate)")
+    if sharded and distributed is False and dist.get_world_size() > 1:
+        raise ValueError("distributed=False: a sharded (FSDP/DTensor) model needs every rank in its forward pass")
+    # A sharded model always takes the collective path: its shards must be combined, even on one rank.
+    collective = initialised and (sharded or dist.get_world_size() > 1) if distributed is None else distributed
+    world = dist.get_world_size() if collective else 1
+    rank = dist.get_rank() if collective else 0
+
     if device is None:
         first = next(base.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
+        device = _local(first).device if first is not None else torch.device("cpu")
     device = torch.device(device)
+    comm_device = collective_device(device) if collective else None
     if pad_token_id is None:
         config = getattr(base, "config", None)
         pad_token_id = getattr(config, "pad_token_id", None)
@@ -280,7 +399,15 @@ def gradient_probe(
             eos = getattr(config, "eos_token_id", None)
             pad_token_id = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
         pad_token_id = int(pad_token_id) if isinstance(pad_token_id, numbers.Integral) else 0
-    batches = _probe_batches(dataset, probe_batches, batch_size, seed, pad_token_id)
+    if collective:
+        # Every rank draws the same global sample; a failure on one rank is raised on all of them.
+        batches = fail_together(
+            _probe_batches, dataset, probe_batches, batch_size, seed, pad_token_id, device=comm_device
+        )
+        _check_same_batches(batches, comm_device)
+    else:
+        batches = _probe_batches(dataset, probe_batches, batch_size, seed, pad_token_id)
+    mine = batches if sharded or not collective else batches[rank::world]
 
     embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     vocab_size = getattr(embeddings, "num_embeddings", None)
@@ -291,61 +418,107 @@ def gradient_probe(
     numel = torch.tensor([sum(p.numel() for _, p in params) for params in per_block], dtype=torch.float64)
 
     params = list(model.parameters())
+    flat = [fp for unit in units if (fp := getattr(getattr(unit, "_handle", None), "flat_param", None)) is not None]
+    if sharded:
+        # FSDP owns the gradients of a sharded model: it would add to pending ones, and it ignores requires_grad
+        # flags changed after wrapping. So the probe refuses both instead of changing them.
+        if any(p.grad is not None for p in params + flat):
+            raise ValueError("the sharded model has pending gradients: call zero_grad(set_to_none=True) first")
+        frozen = sorted({i for i, block in enumerate(per_block) for _, p in block if not p.requires_grad})
+        if frozen:
+            raise ValueError(
+                f"blocks {frozen} of the sharded model hold frozen weights, and a sharded model's requires_grad "
+                "cannot be switched on: probe before freezing or wrapping (e.g. before get_peft_model)"
+            )
+        tensors = [p for block in per_block for _, p in block]
+        layer_index = torch.tensor([layer_of[id(p)] for p in tensors])
+        copies = _replication(runner, tensors, units, world)
+        counts = torch.tensor([_local(p).numel() for p in tensors], dtype=torch.float64, device=comm_device)
+        dist.all_reduce(counts)
+        numel = torch.zeros(stack.num_layers, dtype=torch.float64).index_add_(0, layer_index, counts.cpu() / copies)
+
     saved_requires_grad = [p.requires_grad for p in params]
     saved_grads = [p.grad for p in params]
     saved_modes = [(m, m.training) for m in model.modules()]
     handles = []
     total = torch.zeros(stack.num_layers, dtype=torch.float64)
     tokens = 0
+    error = None
     try:
-        for p in params:
-            p.grad = None
-            p.requires_grad_(False)
         batch_sums = torch.zeros(stack.num_layers, dtype=torch.float32, device=device)
+        if not sharded:
+            for p in params:
+                p.grad = None
+                p.requires_grad_(False)
 
-        def reduce_and_free(p: torch.Tensor) -> None:
-            g = p.grad
-            if metric == "grad_norm":
-                value = torch.linalg.vector_norm(g, dtype=torch.float32)
-            elif metric == "grad_weight":
-                value = (g.float() * p.detach().float()).abs().sum()
-            else:  # grad_rms and fisher both start from the sum of squares
-                value = torch.linalg.vector_norm(g, dtype=torch.float32).square()
-            batch_sums[layer_of[id(p)]] += value.to(device)
-            p.grad = None
+            def reduce_and_free(p: torch.Tensor) -> None:
+                g = p.grad
+                if metric == "grad_norm":
+                    value = torch.linalg.vector_norm(g, dtype=torch.float32)
+                elif metric == "grad_weight":
+                    value = (g.float() * p.detach().float()).abs().sum()
+                else:  # grad_rms and fisher both start from the sum of squares
+                    value = torch.linalg.vector_norm(g, dtype=torch.float32).square()
+                batch_sums[layer_of[id(p)]] += value.to(device)
+                p.grad = None
 
-        for block_params in per_block:
-            for _, p in block_params:
-                p.requires_grad_(True)
-                handles.append(p.register_post_accumulate_grad_hook(reduce_and_free))
+            for block_params in per_block:
+                for _, p in block_params:
+                    p.requires_grad_(True)
+                    handles.append(p.register_post_accumulate_grad_hook(reduce_and_free))
 
         model.eval()  # no dropout: the same batches give the same scores
         use_autocast = compute_dtype is not None and device.type == "cuda"
-        bar = tqdm(batches, desc="gradient probe", unit="batch", disable=not progress)
+        bar = tqdm(mine, desc="gradient probe", unit="batch", disable=not progress or rank != 0)
         for b, batch in enumerate(bar):
             batch_sums.zero_()
             with torch.autocast("cuda", dtype=compute_dtype) if use_autocast else nullcontext():
-                loss, n_tokens = _causal_lm_loss(model, batch, device, vocab_size)
+                loss, n_tokens = _causal_lm_loss(runner, batch, device, vocab_size)
+            index = b if sharded or not collective else rank + b * world
             if not torch.isfinite(loss):
-                raise ValueError(f"probe batch {b}: the loss is {loss.item()} (not finite); check the model and data")
+                raise ValueError(
+                    f"probe batch {index}: the loss is {loss.item()} (not finite); check the model and data"
+                )
             loss.backward()
-            values = batch_sums.double().cpu()
+            if sharded:
+                values = _sharded_layer_values(tensors, layer_index, copies, metric, stack.num_layers, comm_device)
+                for p in params + flat:
+                    p.grad = None
+            else:
+                values = batch_sums.double().cpu()
             bad = [i for i in range(stack.num_layers) if not math.isfinite(values[i])]
             if bad:
-                raise ValueError(f"probe batch {b}: non-finite gradient in layer(s) {bad} of {stack.path}")
+                raise ValueError(f"probe batch {index}: non-finite gradient in layer(s) {bad} of {stack.path}")
             if metric == "grad_rms":
                 values = (values / numel.clamp(min=1)).sqrt()
             total += values
             tokens += n_tokens
             bar.set_postfix(loss=f"{loss.item():.3f}")
+    except Exception as exc:
+        error = exc
     finally:
         for handle in handles:
             handle.remove()
         for p, requires_grad, grad in zip(params, saved_requires_grad, saved_grads):
             p.requires_grad_(requires_grad)
             p.grad = grad
+        for fp in flat:
+            fp.grad = None
         for module, training in saved_modes:
             module.training = training
+
+    if collective:
+        agree(error, device=comm_device)  # a failure on any rank is raised on every rank
+        if not sharded:
+            # float64 sums of the per-batch per-layer sums; rank 0's copy is then sent to all, so every rank
+            # holds bit-identical scores and makes the same selection.
+            summed = torch.cat([total, torch.tensor([float(tokens)], dtype=torch.float64)]).to(comm_device)
+            dist.all_reduce(summed)
+            dist.broadcast(summed, src=0)
+            summed = summed.cpu()
+            total, tokens = summed[:-1], int(summed[-1].item())
+    elif error is not None:
+        raise error
 
     meta = {
         "metric": metric,
@@ -356,8 +529,45 @@ def gradient_probe(
         "model_type": stack.model_type,
         "stack_path": stack.path,
         "num_layers": stack.num_layers,
+        "world_size": world,
+        "sharded": sharded,
     }
     logger.info(
-        "probed %d blocks of %s on %d batches (%d tokens)", stack.num_layers, stack.model_type, len(batches), tokens
+        "probed %d blocks of %s on %d batches (%d tokens)%s",
+        stack.num_layers,
+        stack.model_type,
+        len(batches),
+        tokens,
+        f" over {world} ranks" if world > 1 else "",
     )
     return LayerScores({i: float(v) for i, v in enumerate(total.tolist())}, meta)
+
+
+def _sharded_layer_values(
+    tensors: list[torch.Tensor],
+    layer_index: torch.Tensor,
+    copies: torch.Tensor,
+    metric: str,
+    num_layers: int,
+    comm_device: torch.device,
+) -> torch.Tensor:
+    """Per-layer values of one batch from sharded gradients: per weight, the squared norm (or |g x w| sum) of each
+    shard, summed over the ranks (each element counted once), then the root per weight for grad_norm."""
+    parts = []
+    for p in tensors:
+        g = p.grad
+        if g is None:
+            parts.append(torch.zeros((), dtype=torch.float64, device=comm_device))
+            continue
+        g = _local(g)
+        if metric == "grad_weight":
+            value = (g.double() * _local(p.detach()).double()).abs().sum()
+        else:
+            value = torch.linalg.vector_norm(g, dtype=torch.float64).square()
+        parts.append(value.to(comm_device))
+    summed = torch.stack(parts)
+    dist.all_reduce(summed)
+    per_weight = summed.cpu() / copies
+    if metric == "grad_norm":
+        per_weight = per_weight.sqrt()
+    return torch.zeros(num_layers, dtype=torch.float64).index_add_(0, layer_index, per_weight)
