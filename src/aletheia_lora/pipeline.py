@@ -6,13 +6,14 @@ import logging
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from aletheia_lora.config import LoraSettings, apply_aletheia_lora
 from aletheia_lora.data import DataConfig, build_datasets
+from aletheia_lora.distributed import fail_together, fsdp1_units, is_main_process, launched_job, on_main_process
 from aletheia_lora.files import prepare_output_dir, write_json
 from aletheia_lora.layers import find_decoder_stack
 from aletheia_lora.models import ModelConfig
@@ -66,22 +67,44 @@ def probe_and_select(model, train_rows, config: RunConfig, out_dir: Path | None,
     )
     selection["probe_seconds"] = probe_seconds
     if out_dir is not None:
-        scores.to_json(out_dir / "scores.json")
-        write_json(out_dir / "selection.json", selection)
-        plot_layer_scores(
-            scores,
-            selection["selected_layers"],
-            out_dir / "layer_scores.png",
-            metric=scores.meta.get("metric", "grad_norm"),
-            title=f"{scores.meta.get('model_type', '')}: probe scores, {selection['strategy']} selection",
-        )
+        on_main_process(_write_probe_outputs, scores, selection, Path(out_dir))
     return {"scores": scores, "selection": selection}
 
 
+def _write_probe_outputs(scores: LayerScores, selection: dict, out_dir: Path) -> None:
+    scores.to_json(out_dir / "scores.json")
+    write_json(out_dir / "selection.json", selection)
+    plot_layer_scores(
+        scores,
+        selection["selected_layers"],
+        out_dir / "layer_scores.png",
+        metric=scores.meta.get("metric", "grad_norm"),
+        title=f"{scores.meta.get('model_type', '')}: probe scores, {selection['strategy']} selection",
+    )
+
+
+def prepare_run_dir(out_dir: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """:func:`prepare_output_dir` on rank 0 only; the other ranks wait, then get its path or raise its error."""
+    return on_main_process(prepare_output_dir, out_dir, overwrite=overwrite, resume=resume)
+
+
+def run_probe(config: RunConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """What `aletheia-lora probe` does: load, probe and select, writing scores.json, selection.json and
+    layer_scores.png; under torchrun/accelerate the ranks share the probe batches and rank 0 writes."""
+    with launched_job(config.train.dist_timeout):
+        out = prepare_run_dir(out_dir, overwrite=overwrite)
+        model, tokenizer = fail_together(config.model.load)
+        data = replace(config.data, general_data=None)
+        train_rows = fail_together(lambda: build_datasets(data, tokenizer)[0])
+        return probe_and_select(model, train_rows, config, out, progress=progress)
+
+
 def _eval_all(model, eval_rows, general_rows, batch_size: int, pad_token_id: int) -> dict:
-    result = {"target": evaluate_loss(model, eval_rows, batch_size=batch_size, pad_token_id=pad_token_id)}
+    # Under several processes each rank evaluates its share of the batches; the sums are added across ranks.
+    kwargs = {"batch_size": batch_size, "pad_token_id": pad_token_id, "distributed": True}
+    result = {"target": evaluate_loss(model, eval_rows, **kwargs)}
     if general_rows is not None and len(general_rows):
-        result["general"] = evaluate_loss(model, general_rows, batch_size=batch_size, pad_token_id=pad_token_id)
+        result["general"] = evaluate_loss(model, general_rows, **kwargs)
     return result
 
 
@@ -108,17 +131,27 @@ def run_pipeline(
         scores_file: Select from these saved scores instead of probing.
 
     Returns:
-        The report written to metrics.json.
-    """
-    out = prepare_output_dir(out_dir, overwrite=overwrite, resume=resume)
-    torch.manual_seed(config.train.seed)
-    write_json(out / "run_config.json", {k: asdict(v) for k, v in vars(config).items()})
-    progress = config.train.progress
+        The report written to metrics.json (the same on every rank).
 
-    model, tokenizer = config.model.load()
+    Under ``torchrun`` or ``accelerate launch`` every rank runs this: the process group is initialised from
+    the launcher's environment (with ``config.train.dist_timeout``), the ranks share the probe and evaluation
+    batches and reduce them, so all select the same layers; the Trainer trains with DDP; rank 0 alone writes
+    files. An error on one rank is raised on all of them at the next check point, or ends their collectives.
+    """
+    with launched_job(config.train.dist_timeout):
+        return _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_file)
+
+
+def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_file) -> dict:
+    out = prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
+    torch.manual_seed(config.train.seed)
+    on_main_process(write_json, out / "run_config.json", {k: asdict(v) for k, v in vars(config).items()})
+    progress = config.train.progress and is_main_process()
+
+    model, tokenizer = fail_together(config.model.load)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stack = find_decoder_stack(model)
-    train_rows, eval_rows, general_rows = build_datasets(config.data, tokenizer)
+    train_rows, eval_rows, general_rows = fail_together(build_datasets, config.data, tokenizer)
     logger.info(
         "data: %d training rows, %d eval rows, %s general rows of up to %d tokens",
         len(train_rows),
@@ -140,20 +173,11 @@ def run_pipeline(
 
     if layers is not None:
         selection = {"strategy": "given", "selected_layers": sorted(layers), "probe_seconds": 0.0}
-        write_json(out / "selection.json", selection)
+        on_main_process(write_json, out / "selection.json", selection)
     elif scores_file is not None:
-        scores = LayerScores.from_json(scores_file)
-        if len(scores) != stack.num_layers:
-            raise ValueError(f"--scores {str(scores_file)!r} has {len(scores)} layers, the model {stack.num_layers}")
-        selection = describe_selection(
-            scores,
-            model=model,
-            seq_len=config.data.max_length,
-            batch_size=config.train.batch_size,
-            **config.select.kwargs(),
-        )
-        selection["probe_seconds"] = 0.0
-        write_json(out / "selection.json", selection)
+        # rank 0 reads the file and hands the selection to all: every rank trains the same layers
+        selection = on_main_process(_select_from_file, scores_file, model, stack.num_layers, config)
+        on_main_process(write_json, out / "selection.json", selection)
     else:
         selection = probe_and_select(model, train_rows, config, out, progress=progress)["selection"]
     report["selection"] = selection
@@ -173,7 +197,10 @@ def run_pipeline(
     )
     steps = result.step_times[1:] or result.step_times  # the first step pays one-off warm-up costs
     median_step = statistics.median(steps) if steps else float("nan")
-    tokens_per_step = config.train.batch_size * config.train.gradient_accumulation_steps * config.data.max_length
+    # every rank trains on its own batches: a step covers this many tokens over all of them
+    tokens_per_step = (
+        config.train.batch_size * config.train.gradient_accumulation_steps * config.data.max_length * result.processes
+    )
     report["train"] = {
         "steps": len(result.step_times),
         "seconds": result.train_seconds,
@@ -183,16 +210,38 @@ def run_pipeline(
         if result.lowest_layer_reached == EMBEDDINGS
         else result.lowest_layer_reached,
         "trainable_parameters": result.trainable_parameters,
+        "processes": result.processes,
         "final_train_loss": next((r["loss"] for r in reversed(result.log_history) if "loss" in r), None),
     }
     report["log_history"] = result.log_history
     report["adapter"] = str(result.adapter_dir) if result.adapter_dir else None
     if evaluate:
         logger.info("evaluating the fine-tuned model")
-        report["eval_after"] = _eval_all(result.model, eval_rows, general_rows, config.train.batch_size, pad_token_id)
-    plot_loss_curves(
-        result.log_history, out / "loss_curve.png", title=f"{stack.model_type}: LoRA on {len(selected)} layers"
+        # an FSDP1 model runs only through its wrapper; everything else through the PeftModel itself
+        wrapped = result.wrapped
+        tuned = wrapped if wrapped is not None and any(u is wrapped for u in fsdp1_units(wrapped)) else result.model
+        report["eval_after"] = _eval_all(tuned, eval_rows, general_rows, config.train.batch_size, pad_token_id)
+    # rank 0's report (its step times, its log) is the one written and returned everywhere
+    return on_main_process(_write_report, report, out, f"{stack.model_type}: LoRA on {len(selected)} layers")
+
+
+def _select_from_file(scores_file, model, num_layers: int, config: RunConfig) -> dict:
+    scores = LayerScores.from_json(scores_file)
+    if len(scores) != num_layers:
+        raise ValueError(f"--scores {str(scores_file)!r} has {len(scores)} layers, the model {num_layers}")
+    selection = describe_selection(
+        scores,
+        model=model,
+        seq_len=config.data.max_length,
+        batch_size=config.train.batch_size,
+        **config.select.kwargs(),
     )
+    selection["probe_seconds"] = 0.0
+    return selection
+
+
+def _write_report(report: dict, out: Path, title: str) -> dict:
+    plot_loss_curves(report["log_history"], out / "loss_curve.png", title=title)
     write_json(out / "metrics.json", report)
     return report
 

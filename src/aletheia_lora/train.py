@@ -21,10 +21,18 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from aletheia_lora.data import IGNORE_INDEX, pad_collate
+from aletheia_lora.distributed import (
+    barrier,
+    collective_device,
+    is_distributed,
+    is_sharded_model,
+    on_main_process,
+)
 from aletheia_lora.layers import DecoderStack, find_decoder_stack, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -58,9 +66,23 @@ class TrainConfig:
     bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 mixed precision (GPU)."})
     seed: int = field(default=0, metadata={"help": "Seed of data order and adapter initialisation."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    dist_timeout: int = field(
+        default=1800,
+        metadata={
+            "help": "Multi-process runs (torchrun, accelerate launch): seconds a rank waits for the others "
+            "in a collective before it fails instead of hanging."
+        },
+    )
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "logging_steps", "save_total_limit")
+        positive = (
+            "max_steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_total_limit",
+            "dist_timeout",
+        )
         non_negative = ("warmup_steps", "eval_steps", "save_steps", "seed")
         for f in fields(self):
             value = getattr(self, f.name)
@@ -200,24 +222,46 @@ def evaluate_loss(
     batch_size: int = 8,
     pad_token_id: int = 0,
     max_batches: int | None = None,
+    distributed: bool = False,
 ) -> dict[str, float]:
-    """Token-weighted mean next-token loss (and perplexity) over a tokenized dataset, padding excluded."""
+    """Token-weighted mean next-token loss (and perplexity) over a tokenized dataset, padding excluded.
+
+    Args:
+        model: A causal LM; under several processes also an FSDP-sharded one (every rank then runs as many
+            forward passes as the busiest rank, the extra ones not counted).
+        dataset: Tokenized rows.
+        batch_size: Rows per forward pass.
+        pad_token_id: Padding id; padding never enters the loss.
+        max_batches: Evaluate only the first this many batches.
+        distributed: Under several processes, each rank evaluates its share of the batches and the sums
+            are added across ranks, so every rank returns the whole dataset's loss. Every rank must call it.
+    """
     if len(dataset) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     device = next(model.parameters()).device
+    starts = list(range(0, len(dataset), batch_size))[:max_batches]
+    collective = distributed and is_distributed()
+    counted = len(starts)
+    if collective:
+        world = dist.get_world_size()
+        mine = starts[dist.get_rank() :: world]
+        counted = len(mine)
+        # A sharded model needs every rank in every forward pass: a rank with one batch fewer repeats one
+        # without counting it.
+        if is_sharded_model(model):
+            mine += starts[:1] * (-(-len(starts) // world) - len(mine))
+        starts = mine
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
     try:
-        for start in range(0, len(dataset), batch_size):
-            if max_batches is not None and start // batch_size >= max_batches:
-                break
+        for b, start in enumerate(starts):
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = {k: v.to(device) for k, v in pad_collate(rows, pad_token_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             targets = batch["labels"][:, 1:]
             n = int((targets != IGNORE_INDEX).sum())
-            if n == 0:
+            if n == 0 or b >= counted:
                 continue
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.size(-1)),
@@ -229,6 +273,10 @@ def evaluate_loss(
             tokens += n
     finally:
         model.train(was_training)
+    if collective:
+        sums = torch.tensor([total, float(tokens)], dtype=torch.float64, device=collective_device(device))
+        dist.all_reduce(sums)
+        total, tokens = float(sums[0]), int(sums[1])
     if tokens == 0:
         raise ValueError("the evaluation data has no tokens to predict")
     mean = total / tokens
@@ -246,6 +294,8 @@ class TrainResult:
     lowest_layer_reached: int | None
     trainable_parameters: int
     train_seconds: float
+    processes: int = 1  # data-parallel ranks the Trainer trained on
+    wrapped: nn.Module | None = None  # the model as the Trainer wrapped it (DDP, FSDP); FSDP1 runs only through it
 
 
 def _atomic_save_adapter(model: PeftModel, target: Path) -> None:
@@ -353,6 +403,7 @@ def train_lora(
         label_names=["labels"],
         dataloader_num_workers=0,
         use_cpu=not use_cuda,
+        ddp_timeout=config.dist_timeout,
     )
     # Checkpointing is left off in the Trainer's arguments: its own set-up would add an input-grad hook.
     trainer = Trainer(
@@ -365,6 +416,13 @@ def train_lora(
     )
     # Progress and losses reach the user through the progress bar and logging, not print().
     trainer.remove_callback(PrinterCallback)
+    if args.world_size > 1:
+        logger.info(
+            "training on %d processes (%s), %d sequences per step",
+            args.world_size,
+            "FSDP" if getattr(trainer, "is_fsdp_enabled", False) else "DDP",
+            config.batch_size * config.gradient_accumulation_steps * args.world_size,
+        )
     start = time.perf_counter()
     try:
         with BackwardDepthMonitor(peft_model) as depth:
@@ -378,10 +436,15 @@ def train_lora(
         )
         raise
     seconds = time.perf_counter() - start
-    adapter_dir = None
-    if trainer.is_world_process_zero():
-        adapter_dir = output_dir / "adapter"
-        _atomic_save_adapter(peft_model, adapter_dir)
+    adapter_dir = output_dir / "adapter"
+    if getattr(trainer, "is_fsdp_enabled", False):
+        # The weights are sharded: every rank takes part in gathering the adapter (with FSDP's
+        # FULL_STATE_DICT it is whole), and the Trainer writes it on rank 0.
+        trainer.save_model(str(adapter_dir))
+        barrier()
+    else:
+        # One rank writes the adapter for all; the others wait and learn of a failure.
+        on_main_process(_atomic_save_adapter, peft_model, adapter_dir)
     if depth.lowest is not None:
         lowest_name = "the embeddings" if depth.lowest == EMBEDDINGS else f"block {depth.lowest}"
         logger.info("the backward pass reached down to %s", lowest_name)
@@ -393,4 +456,6 @@ def train_lora(
         lowest_layer_reached=depth.lowest,
         trainable_parameters=trainable,
         train_seconds=seconds,
+        processes=args.world_size,
+        wrapped=getattr(trainer, "model_wrapped", None),
     )
