@@ -57,6 +57,7 @@ def _build(cls: type, args: argparse.Namespace):
 
 
 def _groups(command: str) -> list[tuple[str, type]]:
+    from aletheia_lora.bench import BenchConfig
     from aletheia_lora.config import LoraSettings
     from aletheia_lora.data import DataConfig
     from aletheia_lora.models import ModelConfig
@@ -76,6 +77,7 @@ def _groups(command: str) -> list[tuple[str, type]]:
         "config": [select, lora],
         "train": [model, data, probe, select, lora, train],
         "run": [model, data, probe, select, lora, train],
+        "bench": [("benchmark (defaults: bench/configs/smollm2.yaml)", BenchConfig)],
     }[command]
 
 
@@ -201,6 +203,25 @@ def _cmd_train(args: argparse.Namespace, evaluate: bool = False) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from aletheia_lora.bench import headline_table, render_outputs, run_bench
+
+    config = _build(_groups("bench")[0][1], args)
+    if args.quiet:
+        config.progress = False
+    if args.render_only:
+        written = render_outputs(args.out, config.name, docs=args.docs)
+    else:
+        command = "aletheia-lora bench" + (f" --config {args.config}" if args.config else "") + f" --out {args.out}"
+        command += f" --docs {args.docs}" if args.docs else ""
+        result = run_bench(config, args.out, command=command, docs=args.docs)
+        print(headline_table(result))
+        written = sorted(Path(args.out).glob(f"train_{config.name}*")) + ([Path(args.docs)] if args.docs else [])
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def _load_config_file(path: str) -> dict:
     try:
         text = Path(path).read_text()
@@ -241,6 +262,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "config": "write the PEFT LoraConfig (adapter_config.json) for a selection",
         "train": "probe, select and LoRA fine-tune; save an adapter that loads with PeftModel.from_pretrained",
         "run": "train, plus evaluation before/after (target loss, general-corpus loss) and a report",
+        "bench": "train LoRA on all layers and on layer selections round-robin: speed, quality, time to quality",
     }
     parsers = {}
     for name, help_text in helps.items():
@@ -264,6 +286,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             sub.add_argument("--model", help="take module names and layer pattern from this model (else Llama names)")
             sub.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with --model")
             sub.add_argument("--out", help="write adapter_config.json here (default: stdout)")
+        if name == "bench":
+            sub.add_argument("--out", default="bench/results", help="folder of train_NAME.* (default: %(default)s)")
+            sub.add_argument("--docs", help="also write the benchmark page here, e.g. docs/BENCHMARKS.md")
+            sub.add_argument("--render-only", action="store_true", help="re-render tables and plots from the JSON")
         parsers[name] = sub
     return parser, parsers
 
@@ -308,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": _cmd_config,
             "train": _cmd_train,
             "run": lambda a: _cmd_train(a, evaluate=True),
+            "bench": _cmd_bench,
         }
         return commands[args.command](args)
     except USER_ERRORS as exc:

@@ -1,0 +1,265 @@
+"""The training benchmark (`aletheia-lora bench`) end to end on a tiny random model, and its settings."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aletheia_lora.bench import (
+    ARM_KINDS,
+    BenchConfig,
+    _pick_frontier,
+    learning_rate_at,
+    render_markdown,
+    render_outputs,
+    run_bench,
+)
+from aletheia_lora.cli import main
+from aletheia_lora.select import FrontierPoint
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, EVAL_EVERY, LAYERS = 8, 2, 6
+TINY = {
+    "name": "t",
+    "model": "tiny",
+    "tiny_layers": LAYERS,
+    "tiny_hidden": 32,
+    "tiny_vocab": 64,
+    "max_length": 16,
+    "eval_blocks": 4,
+    "general_blocks": 4,
+    "batch_size": 2,
+    "steps": STEPS,
+    "warmup_steps": 1,
+    "learning_rate": 0.003,
+    "r": 2,
+    "lora_alpha": 4,
+    "frontier_points": 2,
+    "eval_every": EVAL_EVERY,
+    "eval_batch_size": 4,
+    "probe_batches": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The whole benchmark through the CLI on a 6-layer random Llama, with a probe table to include in the docs."""
+    folder = tmp_path_factory.mktemp("bench")
+    config = folder / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out = folder / "results"
+    out.mkdir()
+    (out / "probe_vs_reference.md").write_text("# Probe table\n\n| arm | s |\n|---|---|\n| ours | 1.0 |\n")
+    docs = folder / "docs" / "BENCHMARKS.md"
+    argv = ["bench", "--config", str(config), "--out", str(out), "--docs", str(docs), "-q"]
+    assert main(argv) == 0
+    return {"out": out, "docs": docs, "result": json.loads((out / "train_t.json").read_text())}
+
+
+def _arms(result):
+    return {arm["name"]: arm for arm in result["arms"]}
+
+
+def test_writes_json_markdown_plots_and_the_docs_page(tiny_run, capsys):
+    out, result = tiny_run["out"], tiny_run["result"]
+    for name in ("train_t.json", "train_t.md", "train_t_loss_vs_time.png", "train_t_speedup.png"):
+        assert (out / name).stat().st_size > 0
+    keys = "config model machine versions load_average probe frontier base equal_time_seconds quality step_order arms"
+    assert set(keys.split()) | {"targets", "cli_layers", "command"} <= set(result)
+    assert result["model"] == {"name": "tiny", "type": "llama", "num_layers": LAYERS}
+    assert len(result["load_average"]["before"]) == 3 and result["load_average"]["during"]
+    assert result["probe"]["seconds"] > 0 and len(result["probe"]["scores"]) == LAYERS
+    docs = tiny_run["docs"].read_text()
+    assert "## Training benchmark `t`" in docs and "results/train_t_loss_vs_time.png" in docs
+    assert "## Gradient probe: ours vs the reference" in docs and "### Probe table" in docs
+    assert "--config" in result["command"] and "--docs" in result["command"]
+
+
+def test_arms_adapt_the_budget_and_the_backward_stops_at_their_lowest_layer(tiny_run):
+    result = tiny_run["result"]
+    arms = _arms(result)
+    assert list(arms)[:4] == ["all", "score", "truncation", "contiguous"]
+    frontier = [a for a in result["arms"] if a["kind"] == "frontier"]
+    assert 1 <= len(frontier) <= 2 and all(a["name"] == f"frontier-{a['lowest_layer']}" for a in frontier)
+    layer_sets = [tuple(a["layers"]) for a in result["arms"] if a["kind"] in ("all", "frontier")]
+    assert len(set(layer_sets)) == len(layer_sets)  # a frontier point never repeats another arm
+    assert arms["all"]["layers"] == list(range(LAYERS))
+    assert arms["contiguous"]["layers"] == [3, 4, 5]
+    for arm in result["arms"]:
+        if arm["kind"] != "all":
+            assert arm["num_adapted"] == LAYERS // 2
+        assert arm["lowest_layer_reached"] == arm["lowest_layer"] == min(arm["layers"])
+        assert arm["predicted_speedup"] > 0 and arm["measured_speedup"] > 0 and arm["tokens_per_second"] > 0
+        assert arm["memory"]["trainable_parameters"] > 0 and arm["memory"]["saved_activations_mb"] > 0
+        assert arm["prediction_error"] == pytest.approx(arm["predicted_speedup"] / arm["measured_speedup"] - 1)
+    assert arms["all"]["measured_speedup"] == 1.0 and arms["all"]["predicted_speedup"] == pytest.approx(1.0)
+    for kind in ("score", "truncation", "contiguous"):
+        assert result["cli_layers"][kind] == arms[kind]["layers"]
+
+
+def test_arms_take_turns_on_the_same_batches(tiny_run):
+    result = tiny_run["result"]
+    names = [a["name"] for a in result["arms"]]
+    n = len(names)
+    equal_steps = [s for s in result["step_order"] if s["phase"] == "equal_steps"]
+    assert len(equal_steps) == n * STEPS
+    for r in range(STEPS):  # round r: every arm's step r + 1, the first arm rotating
+        chunk = equal_steps[r * n : (r + 1) * n]
+        assert [s["arm"] for s in chunk] == names[r % n :] + names[: r % n]
+        assert {s["step"] for s in chunk} == {r + 1}
+    # LoRA starts as the identity, so on the same first batch every arm has the same loss
+    first = [a["train_losses"][0] for a in result["arms"]]
+    assert max(first) - min(first) < 1e-5
+
+
+def test_equal_time_gives_faster_arms_more_steps_up_to_the_all_layer_time(tiny_run):
+    result = tiny_run["result"]
+    arms, budget = _arms(result), result["equal_time_seconds"]
+    base = arms["all"]
+    assert base["views"]["equal_time"]["steps"] == STEPS
+    assert budget == pytest.approx(base["views"]["equal_steps"]["seconds"])
+    for arm in result["arms"]:
+        view = arm["views"]["equal_time"]
+        half_step = arm["median_step_seconds"] / 2
+        if arm["median_step_seconds"] < base["median_step_seconds"]:
+            assert view["steps"] >= STEPS and not view["interpolated"]
+        if view["steps"] > STEPS:  # it stopped at the step that brought it nearest to the all-layer time
+            assert view["seconds"] >= budget - half_step - 1e-9
+            assert view["general_loss"] is not None and view["forgetting"] is not None
+        assert view["target_vs_all"] == pytest.approx(
+            view["target_loss"] / base["views"]["equal_steps"]["target_loss"]
+        )
+        assert len(arm["step_seconds"]) >= view["steps"]
+
+
+def test_time_to_quality_is_read_off_each_curve(tiny_run):
+    result = tiny_run["result"]
+    goal, cap = result["quality"]["target_loss"], result["quality"]["cap_seconds"]
+    assert goal == _arms(result)["all"]["views"]["equal_steps"]["target_loss"]
+    assert cap == pytest.approx(1.5 * result["equal_time_seconds"])
+    for arm in result["arms"]:
+        curve, ttq = arm["curve"], arm["time_to_quality"]
+        assert curve[0] == {"step": 0, "seconds": 0.0, "loss": result["base"]["target_loss"], "phase": "base"}
+        assert [p["step"] for p in curve] == sorted({p["step"] for p in curve})
+        assert all(p["step"] % EVAL_EVERY == 0 or p["phase"] != "equal_steps" for p in curve)
+        assert ttq["trained_seconds"] == curve[-1]["seconds"]
+        if ttq["seconds"] is None:  # not reached: it trained on to the cap
+            assert ttq["ratio_to_all"] is None and min(p["loss"] for p in curve) > goal
+            assert ttq["trained_seconds"] + arm["median_step_seconds"] / 2 >= cap - 1e-9
+            continue
+        assert ttq["ratio_to_all"] == pytest.approx(ttq["seconds"] / result["equal_time_seconds"])
+        before = [p for p in curve if p["seconds"] <= ttq["seconds"]]
+        after = [p for p in curve if p["seconds"] >= ttq["seconds"]]
+        assert all(p["loss"] > goal for p in before[:-1]) and after[0]["loss"] <= goal
+    assert _arms(result)["all"]["time_to_quality"]["ratio_to_all"] <= 1.0
+
+
+def test_markdown_renders_from_the_json_alone(tiny_run, tmp_path):
+    result = tiny_run["result"]
+    text = (tiny_run["out"] / "train_t.md").read_text()
+    assert text == render_markdown(result)
+    for arm in result["arms"]:
+        assert sum(line.startswith(f"| {arm['name']} |") for line in text.splitlines()) == 4  # one row per table
+    for heading in ("## Equal steps", "## Equal time", "## Time to quality", "## Targets", "## Reading"):
+        assert heading in text
+    verdicts = [line for line in text.splitlines() if line.endswith(("| met |", "| MISSED |"))]
+    assert len(verdicts) == len(result["targets"]) + 1 == 7  # the header ends in "| met |" too
+    assert "Default strategy by these figures" in text
+    # --render-only rebuilds the same table from the JSON in another folder
+    (tmp_path / "train_t.json").write_text(json.dumps(result))
+    assert main(["bench", "--render-only", "--name", "t", "--out", str(tmp_path), "-q"]) == 0
+    assert (tmp_path / "train_t.md").read_text() == text
+    assert (tmp_path / "train_t_speedup.png").stat().st_size > 0
+
+
+def test_render_only_without_a_result_is_a_clear_error(tmp_path, capsys):
+    assert main(["bench", "--render-only", "--name", "missing", "--out", str(tmp_path)]) == 2
+    assert "no benchmark result" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="train_missing.json"):
+        render_outputs(tmp_path, "missing")
+
+
+def test_a_checkpoint_with_text_files_runs_the_real_data_path(tiny_checkpoint, tiny_corpus, tmp_path):
+    config = BenchConfig(
+        **{**TINY, "model": str(tiny_checkpoint), "steps": 3, "eval_every": 3, "arms": ["all", "contiguous"]},
+        data=str(tiny_corpus / "target.txt"),
+        general_data=str(tiny_corpus / "general.txt"),
+        progress=False,
+    )
+    result = run_bench(config, tmp_path)
+    arms = _arms(result)
+    assert list(arms) == ["all", "contiguous"] and arms["contiguous"]["layers"] == [2, 3]
+    assert math.isfinite(result["base"]["general_loss"]) and math.isfinite(
+        arms["all"]["views"]["equal_steps"]["forgetting"]
+    )
+    assert "target.txt eval split" in (tmp_path / "train_t.md").read_text()
+    assert result["targets"] == []  # no truncation arm, no targets to assess
+
+
+def test_committed_configs_load_and_smollm2_is_the_default():
+    assert BenchConfig.from_file(REPO / "bench" / "configs" / "smollm2.yaml") == BenchConfig()
+    tiny = BenchConfig.from_file(REPO / "bench" / "configs" / "tiny.yaml")
+    assert tiny.model == "tiny" and tiny.arms == list(ARM_KINDS)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"arms": ["all", "bogus"]}, ValueError, r"--arms: unknown arm\(s\) \['bogus'\]"),
+        ({"arms": ["score", "truncation"]}, ValueError, "--arms must include 'all'"),
+        ({"arms": ["all"]}, ValueError, "needs a selective arm"),
+        ({"arms": ["all", "score", "score"]}, ValueError, r"lists \['score'\] more than once"),
+        ({"arms": "all"}, TypeError, "--arms must be a list"),
+        ({"arms": ["all", "frontier"], "frontier_points": 0}, ValueError, "--frontier-points is 0"),
+        ({"budget_pct": 0}, ValueError, r"--budget-pct must be in \[1, 100\).*got 0"),
+        ({"budget_pct": 100}, ValueError, r"--budget-pct must be in \[1, 100\).*got 100"),
+        ({"steps": 2, "warmup_steps": 2}, ValueError, r"--steps \(2\) must exceed --warmup-steps \(2\)"),
+        ({"warmup_steps": 0}, ValueError, "--warmup-steps must be >= 1, got 0"),
+        ({"steps": "ten"}, TypeError, "--steps must be an integer, got 'ten'"),
+        ({"eval_every": 0}, ValueError, "--eval-every must be >= 1"),
+        ({"quality_cap": 0.5}, ValueError, "--quality-cap must be >= 1"),
+        ({"learning_rate": math.nan}, TypeError, "--learning-rate must be a finite number"),
+        ({"learning_rate": 0}, ValueError, "--learning-rate must be positive"),
+        ({"lr_schedule": "linear"}, ValueError, "--lr-schedule must be one of constant, cosine, got 'linear'"),
+        ({"name": "a/b"}, ValueError, "--name must be letters"),
+        ({"tiny_hidden": 30}, ValueError, "--tiny-hidden must be a multiple of 4"),
+        ({"threads": 0}, ValueError, "--threads must be >= 1"),
+        ({"progress": "yes"}, TypeError, "--progress must be true or false"),
+    ],
+)
+def test_bad_settings_name_the_flag_and_value(change, error, message):
+    with pytest.raises(error, match=message):
+        BenchConfig(**{**TINY, **change})
+
+
+def test_bad_settings_from_the_command_line_or_a_file_exit_with_one_line(tmp_path, capsys):
+    assert main(["bench", "--arms", "all", "bogus", "--out", str(tmp_path)]) == 2
+    assert "--arms: unknown arm(s) ['bogus']" in capsys.readouterr().err
+    config = tmp_path / "bad.yaml"
+    config.write_text("steps: 10\nbudget: 50\n")
+    assert main(["bench", "--config", str(config), "--out", str(tmp_path)]) == 2
+    assert "unknown setting(s) ['budget']" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['budget'\]"):
+        BenchConfig.from_file(config)
+    assert not list(tmp_path.glob("train_*"))
+
+
+def test_learning_rate_schedules():
+    constant = BenchConfig(**{**TINY, "lr_warmup_steps": 2})
+    assert [learning_rate_at(i, constant) for i in range(4)] == pytest.approx([0.0015, 0.003, 0.003, 0.003])
+    cosine = BenchConfig(**{**TINY, "lr_schedule": "cosine"})
+    values = [learning_rate_at(i, cosine) for i in range(STEPS + 5)]
+    assert values[0] == pytest.approx(0.003) and values[STEPS] == pytest.approx(0.0003)
+    assert values[STEPS:] == pytest.approx([0.0003] * 5)  # held at the floor: equal-time steps still learn
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_frontier_points_divide_the_frontier_and_skip_arms_already_there():
+    points = [FrontierPoint((m, m + 1), m, 0.5, 1.0) for m in range(11)]
+    assert [p.lowest_layer for p in _pick_frontier(points, [], 3)] == [2, 5, 7]
+    assert [p.lowest_layer for p in _pick_frontier(points, [(5, 6), (0, 1), (10, 11)], 3)] == [2, 4, 7]
+    assert [p.lowest_layer for p in _pick_frontier(points[:3], [(0, 1), (2, 3)], 3)] == [1]
