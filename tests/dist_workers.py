@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -138,8 +139,24 @@ def _probe_rank(rank: int, world: int, init_file: str, out: str) -> None:
         "plain": evaluate_loss(plain, rows, batch_size=5, distributed=True),
         "fsdp2": evaluate_loss(model2, rows, batch_size=5, distributed=True),
     }
-    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
+
+    # A rank that fails outside a check point leaves the group: the other, waiting in a collective with it, gets
+    # an error at once (not at the timeout) that says it lost contact.
+    from aletheia_lora.distributed import launched_job
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    start = time.monotonic()
+    try:
+        with launched_job(timeout_s=60):
+            if rank == 1:
+                raise ValueError("rank one broke mid-training")
+            dist.all_reduce(torch.ones(1))
+    except Exception as exc:
+        result["errors"]["lost"] = f"{type(exc).__name__}: {exc}"
+    result["state"]["lost_seconds"] = time.monotonic() - start
+    result["state"]["group_left"] = not dist.is_initialized()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
 def _probe_rank_safe(rank: int, world: int, init_file: str, out: str) -> None:
@@ -151,8 +168,13 @@ def _probe_rank_safe(rank: int, world: int, init_file: str, out: str) -> None:
 
 
 def run_probe_checks(out: str, world: int) -> None:
+    import socket
+
     import torch.multiprocessing as mp
 
+    with socket.socket() as s:  # a free port for the group the launcher's environment describes
+        s.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     init_file = os.path.join(out, "init")
     mp.spawn(_probe_rank_safe, args=(world, init_file, out), nprocs=world, join=True)
 

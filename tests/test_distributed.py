@@ -118,6 +118,14 @@ def test_errors_reach_every_rank_and_leave_the_group_working(ranks):
     assert all(rank["state"]["group_alive_after_errors"] for rank in ranks)
 
 
+def test_a_rank_failing_inside_a_collective_makes_the_others_fail_at_once(ranks):
+    first, second = ranks
+    assert second["errors"]["lost"] == "ValueError: rank one broke mid-training"
+    assert first["errors"]["lost"].startswith("ConnectionError: rank 0 of 2 lost contact with the other ranks")
+    assert first["state"]["lost_seconds"] < 30  # the group's timeout is 60 s
+    assert all(rank["state"]["group_left"] for rank in ranks)  # launched_job destroyed the group it created
+
+
 def test_shared_evaluation_equals_the_single_process_one(ranks):
     expected = evaluate_loss(tiny_model("llama", 4), probe_rows(), batch_size=5)
     for rank in ranks:
