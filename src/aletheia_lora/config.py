@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from peft import LoraConfig
+from peft import LoraConfig, TaskType
 from torch import nn
 
 from aletheia_lora.layers import ATTENTION, MLP, DecoderStack, find_decoder_stack, unwrap_model
@@ -72,8 +73,25 @@ class LoraSettings:
 
 
 def validate_selected_layers(selected_layers, num_layers: int | None = None) -> list[int]:
-    """Check a layer selection and return it sorted. PEFT reads ``[]`` as *all* layers, so empty is an error."""
-    if isinstance(selected_layers, (str, bytes)) or not isinstance(selected_layers, Iterable):
+    """Check a layer selection and return it sorted. PEFT reads ``[]`` as *all* layers, so empty is an error.
+
+    Args:
+        selected_layers: Block indices, in any order (a list, tuple, range or NumPy array of integers).
+        num_layers: Number of blocks of the model, to range-check the indices.
+
+    Returns:
+        The indices as sorted Python ints.
+
+    Raises:
+        TypeError: not a sequence of integers, or ``num_layers`` is not an integer.
+        ValueError: empty, negative, out of range or duplicated indices.
+    """
+    if num_layers is not None:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral):
+            raise TypeError(f"num_layers must be a positive integer or None, got {num_layers!r}")
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be a positive integer or None, got {num_layers!r}")
+    if isinstance(selected_layers, (str, bytes, Mapping)) or not isinstance(selected_layers, Iterable):
         raise TypeError(f"selected_layers must be a list of layer indices, got {type(selected_layers).__name__}")
     layers = list(selected_layers)
     if not layers:
@@ -91,16 +109,44 @@ def validate_selected_layers(selected_layers, num_layers: int | None = None) -> 
     return sorted(int(x) for x in layers)
 
 
-def _check_rank(name: str, value, allow_none: bool = True) -> None:
+def _check_rank(name: str, value, allow_none: bool = True):
+    """Check a rank (a positive integer) or an alpha (a positive finite number); return it as a Python number.
+
+    NumPy scalars become ``int``/``float``: a ``LoraConfig`` holding them cannot be saved as JSON.
+    """
     if value is None and allow_none:
-        return
+        return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
     if name.endswith("_r") or name == "r":
         if not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _check_names(name: str, value, what: str = "module") -> list[str] | None:
+    """None, or a non-empty list of non-empty strings (module or parameter names), de-duplicated in order."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a list of {what} names, got {value!r}")
+    names = list(value)
+    if not all(isinstance(t, str) and t for t in names):
+        raise TypeError(f"{name} must be a list of {what} names, got {value!r}")
+    if not names:
+        raise ValueError(f"{name} is empty: it must name at least one {what}")
+    return list(dict.fromkeys(names))
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def aletheia_lora_config(
@@ -149,19 +195,25 @@ def aletheia_lora_config(
         The ``LoraConfig``; pass it to ``peft.get_peft_model``.
     """
     layers = validate_selected_layers(selected_layers, num_layers)
-    for name, value in (("r", r), ("lora_alpha", lora_alpha)):
-        _check_rank(name, value, allow_none=False)
-    for name, value in (("attention_r", attention_r), ("mlp_r", mlp_r)):
-        _check_rank(name, value)
-    for name, value in (("attention_alpha", attention_alpha), ("mlp_alpha", mlp_alpha)):
-        _check_rank(name, value)
+    r = _check_rank("r", r, allow_none=False)
+    lora_alpha = _check_rank("lora_alpha", lora_alpha, allow_none=False)
+    attention_r = _check_rank("attention_r", attention_r)
+    mlp_r = _check_rank("mlp_r", mlp_r)
+    attention_alpha = _check_rank("attention_alpha", attention_alpha)
+    mlp_alpha = _check_rank("mlp_alpha", mlp_alpha)
     if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
         raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
-    if target_modules is None:
-        target_modules = list(LLAMA_TARGET_MODULES)
-    if isinstance(target_modules, str) or not all(isinstance(t, str) and t for t in target_modules):
-        raise TypeError(f"target_modules must be a list of module names, got {target_modules!r}")
-    target_modules = list(dict.fromkeys(target_modules))
+    lora_dropout = float(lora_dropout)
+    target_modules = _check_names("target_modules", target_modules) or list(LLAMA_TARGET_MODULES)
+    target_parameters = _check_names("target_parameters", target_parameters, "parameter")
+    if layers_pattern is not None and (not isinstance(layers_pattern, str) or not layers_pattern):
+        raise TypeError(f"layers_pattern must be a non-empty string (a regex) or None, got {layers_pattern!r}")
+    fan_in_fan_out = _check_bool("fan_in_fan_out", fan_in_fan_out)
+    task_types = [t.value for t in TaskType]
+    if not isinstance(task_type, str) or task_type not in task_types:
+        raise ValueError(f"task_type must be one of {task_types}, got {task_type!r}")
+    if module_kinds is not None and not isinstance(module_kinds, Mapping):
+        raise TypeError(f"module_kinds must be a mapping of module name -> kind, got {type(module_kinds).__name__}")
     kinds = module_kinds if module_kinds is not None else _KNOWN_KINDS
 
     rank_pattern, alpha_pattern = {}, {}
@@ -263,6 +315,7 @@ def apply_aletheia_lora(
     Returns:
         The ``LoraConfig``.
     """
+    target_experts = _check_bool("target_experts", target_experts)
     stack = find_decoder_stack(model)
     base = unwrap_model(model)
     layers = validate_selected_layers(selected_layers, stack.num_layers)

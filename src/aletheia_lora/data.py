@@ -20,6 +20,7 @@ import functools
 import hashlib
 import importlib.util
 import logging
+import numbers
 import os
 import re
 import sqlite3
@@ -38,6 +39,19 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
+def _integer_tensor(value: Any, row: int, key: str) -> torch.Tensor:
+    """A row's token ids (or mask, or labels) as a flat long tensor; strings and fractions are refused."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"dataset row {row}: {key!r} must be a list of integers, got text; tokenize the dataset first")
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"dataset row {row}: {key!r} must be a list of integers, got {type(value).__name__}") from exc
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"dataset row {row}: {key!r} must hold integers, got {tensor.dtype}")
+    return tensor.to(torch.long).flatten()
+
+
 def pad_collate(features: Sequence[Mapping], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad a list of tokenized rows into a batch whose loss covers real tokens only.
 
@@ -45,18 +59,20 @@ def pad_collate(features: Sequence[Mapping], pad_token_id: int = 0) -> dict[str,
     ``input_ids`` (a row's own ``labels``, e.g. prompt tokens set to -100, are kept). Padding gets
     attention 0 and label -100, so it never enters the loss.
     """
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral):
+        raise TypeError(f"pad_token_id must be an integer token id, got {pad_token_id!r}")
     rows = []
     for i, row in enumerate(features):
         if not isinstance(row, Mapping) or "input_ids" not in row:
             keys = sorted(row) if isinstance(row, Mapping) else type(row).__name__
             raise ValueError(f"dataset row {i} has no 'input_ids' (got {keys}); tokenize the dataset first")
-        ids = torch.as_tensor(row["input_ids"], dtype=torch.long).flatten()
+        ids = _integer_tensor(row["input_ids"], i, "input_ids")
         if ids.numel() == 0:
             raise ValueError(f"dataset row {i} has empty 'input_ids'")
         mask = row.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, dtype=torch.long).flatten()
+        mask = torch.ones_like(ids) if mask is None else _integer_tensor(mask, i, "attention_mask")
         labels = row.get("labels")
-        labels = ids.clone() if labels is None else torch.as_tensor(labels, dtype=torch.long).flatten()
+        labels = ids.clone() if labels is None else _integer_tensor(labels, i, "labels")
         if not (mask.numel() == labels.numel() == ids.numel()):
             raise ValueError(
                 f"dataset row {i}: input_ids, attention_mask and labels differ in length "
@@ -87,7 +103,19 @@ _JSON_SUFFIXES = (".jsonl", ".json")
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception: ``datasets`` wraps parse errors in a generic "error while generating" one."""
+    seen = {id(exc)}
+    while True:
+        inner = exc.__cause__ or exc.__context__
+        if inner is None or id(inner) in seen or not str(inner).strip():
+            return exc
+        seen.add(id(inner))
+        exc = inner
+
+
 def _fail(path: Path, exc: BaseException, what: str) -> ValueError:
+    exc = _root_cause(exc)
     reason = " ".join(str(exc).split()) or type(exc).__name__
     if len(reason) > 200:
         reason = reason[:197] + "..."
@@ -123,11 +151,15 @@ def _read_path(path: Path) -> Dataset:
             f"unsupported data file {path}: use .txt, .jsonl, .json, .csv, .parquet, a folder of .txt files "
             "or a folder written by Dataset.save_to_disk"
         )
+    if path.stat().st_size == 0:
+        raise ValueError(f"data file {path} is empty")
     # A single .txt file holds many documents separated by blank lines (one document per file: use a folder).
     kwargs: dict[str, Any] = {"sample_by": "paragraph"} if fmt == "text" else {}
     try:
         return load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # noqa: BLE001
+        if "corresponds to no data" in str(exc):  # e.g. a CSV file with a header and no row
+            raise ValueError(f"data file {path} holds no records") from exc
         raise _fail(path, exc, fmt) from exc
 
 
@@ -178,6 +210,8 @@ def load_records(
     path = Path(path).expanduser()
     required = _required_fields(text_field, prompt_field, response_field)
     ds = _read_path(path)
+    if len(ds) == 0:
+        raise ValueError(f"{path} holds no records")
     _check_fields(ds, required, str(path))
     return ds
 
@@ -324,10 +358,72 @@ def tokenize_records(
     """
     _check_max_length(max_length)
     required = _required_fields(text_field, prompt_field, response_field)
+    if len(ds) == 0:
+        raise ValueError("the dataset holds no records: nothing to tokenize")
     _check_fields(ds, required, "the dataset")
     if prompt_field is not None:
         return _tokenize_pairs(ds, tokenizer, max_length, prompt_field, response_field, chat_template)  # type: ignore[arg-type]
     return _tokenize_text(ds, tokenizer, max_length, pack, required[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model's context
+
+# Config attributes that hold the longest sequence a model's position encoding is built for, most common first.
+CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length", "seq_length")
+
+
+def model_context_length(model_or_config: Any) -> tuple[int, str] | None:
+    """The longest sequence ``model_or_config`` is built for, and the config attribute that says so.
+
+    Args:
+        model_or_config: A transformers model (or a PEFT/DDP wrapper, anything with ``.config``) or its config.
+            A multimodal config's text config is read.
+
+    Returns:
+        ``(length, attribute)``, or None when the config names no limit (e.g. BLOOM's ALiBi).
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    get_text_config = getattr(config, "get_text_config", None)
+    if callable(get_text_config):
+        config = get_text_config()
+    for name in CONTEXT_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+            return int(value), name
+    return None
+
+
+def check_max_length(max_length: int, model_or_config: Any, *, name: str = "--max-length") -> int | None:
+    """Refuse sequences longer than the model's context, where the data and the model meet.
+
+    Past its context a model with learned positions (GPT-2, OPT) fails deep inside torch with an index error,
+    and a rotary one silently runs on positions it was never trained on; neither is what the user meant. So a
+    too-long ``max_length`` is an error, raised before any tokenizing or training, rather than a truncation.
+
+    Args:
+        max_length: Tokens per row or block (``DataConfig.max_length``), or the length of a batch.
+        model_or_config: The model (or its config).
+        name: What ``max_length`` is called in the message.
+
+    Returns:
+        The model's context length, or None when its config names none (then nothing is checked).
+
+    Raises:
+        ValueError: ``max_length`` is longer than the context; the message names both numbers.
+    """
+    _check_max_length(max_length)
+    found = model_context_length(model_or_config)
+    if found is None:
+        return None
+    context, attribute = found
+    if max_length > context:
+        model_type = getattr(getattr(model_or_config, "config", model_or_config), "model_type", None) or "the model"
+        raise ValueError(
+            f"{name} {max_length} is longer than the model's context of {context} tokens "
+            f"({attribute} of {model_type}); use {name} {context} or less"
+        )
+    return context
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -595,10 +691,21 @@ class DataConfig:
         if not isinstance(self.data, (str, os.PathLike)) or not str(self.data).strip():
             raise ValueError(f"--data must name a bundled corpus or a path, got {self.data!r}")
         self.data = str(self.data).strip()
+        for name in ("eval_data", "general_data"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"{_flag(name)} must name a bundled corpus or a path, got {value!r}")
         if self.general_data is not None and str(self.general_data).strip().lower() in ("", "none", "off"):
             self.general_data = None
         if self.eval_data is not None and not str(self.eval_data).strip():
             self.eval_data = None
+        for name in ("text_field", "prompt_field", "response_field"):
+            value = getattr(self, name)
+            if (value is not None or name == "text_field") and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{_flag(name)} must be a column name, got {value!r}")
+        for name in ("pack", "chat_template"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
         if (self.prompt_field is None) != (self.response_field is None):
             raise ValueError("--prompt-field and --response-field go together: pass both or neither")
         if self.chat_template and self.prompt_field is None:

@@ -104,22 +104,24 @@ class FrontierPoint(SelectionSummary):
     pareto: bool = True
 
 
-def _cost_fn(cost: CostModel | Calibration | Cost | None, scores: Mapping[int, float]) -> Cost:
-    """The speedup function for ``cost``, checked against the scored layers."""
-    needed = max(scores) + 1
-    if cost is None:
-        return CostModel.uniform(needed)
-    if isinstance(cost, (CostModel, Calibration)):
-        if cost.num_layers < needed:
-            raise ValueError(
-                f"layer_scores holds layer {needed - 1}, but the cost model has {cost.num_layers} layers; "
-                "build it from the same model as the scores"
-            )
-        return cost
-    if not callable(cost):
+def _check_cost(cost) -> None:
+    if cost is not None and not isinstance(cost, (CostModel, Calibration)) and not callable(cost):
         raise TypeError(
             "cost must be a CostModel, a Calibration or a callable mapping a layer list to a speedup, "
             f"got {type(cost).__name__}"
+        )
+
+
+def _cost_fn(cost: CostModel | Calibration | Cost | None, scores: Mapping[int, float]) -> Cost:
+    """The speedup function for ``cost``, checked against the scored layers."""
+    _check_cost(cost)
+    needed = max(scores) + 1
+    if cost is None:
+        return CostModel.uniform(needed)
+    if isinstance(cost, (CostModel, Calibration)) and cost.num_layers < needed:
+        raise ValueError(
+            f"layer_scores holds layer {needed - 1}, but the cost model has {cost.num_layers} layers; "
+            "build it from the same model as the scores"
         )
     return cost
 
@@ -275,8 +277,9 @@ def select_layers(
     """
     scores = validate_scores(layer_scores)
     k = _budget(scores, top_pct, top_k)
-    if strategy not in STRATEGIES:
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+    _check_cost(cost)  # also where the strategy ignores it: a wrong argument is a mistake either way
     if target_speedup is not None:
         if strategy != "truncation":
             raise ValueError(f"target_speedup applies to strategy='truncation', not {strategy!r}")
@@ -313,12 +316,28 @@ class SelectConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
+        if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
             raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.top_k is not None:
-            budget_from(10**9, None, self.top_k)  # type and range checks; the real bound is checked at selection
+        if self.top_k is not None:  # the upper bound (the number of layers) is checked at selection
+            if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+                raise TypeError(f"--top-k must be an integer, got {self.top_k!r} ({type(self.top_k).__name__})")
+            if self.top_k < 1:
+                raise ValueError(f"--top-k must be a positive integer, got {self.top_k!r}")
         else:
-            budget_from(100, self.top_pct, None)
+            try:
+                budget_from(100, self.top_pct, None)
+            except (TypeError, ValueError) as exc:  # the same check as select_layers, named by the flag
+                raise type(exc)("--top-pct" + str(exc).removeprefix("top_pct")) from None
+        if self.target_speedup is not None:
+            value = self.target_speedup
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not (math.isfinite(value) and value > 0)
+            ):
+                raise ValueError(f"--target-speedup must be a finite number > 0, got {value!r}")
+            if self.strategy != "truncation":
+                raise ValueError(f"--target-speedup applies to --strategy truncation, not {self.strategy!r}")
 
     def kwargs(self) -> dict:
         """Keyword arguments for :func:`select_layers` / :func:`describe_selection`."""
