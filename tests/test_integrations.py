@@ -172,6 +172,8 @@ def test_bad_inputs_are_named(tiny_tokenizer):
         configure_aletheia_lora(model, rows, rank_by="module")
     with pytest.raises(ValueError, match="cannot be combined with attention_r"):
         configure_aletheia_lora(model, rows, rank_allocation="scores", attention_r=4)
+    with pytest.raises(TypeError, match="layer_scores must map layer index -> score, got list"):
+        configure_aletheia_lora(model, rows, layer_scores=[1.0, 2.0, 3.0, 4.0])
     with pytest.raises(ValueError, match=r"layer_scores covers layers \[0, 1\]"):
         configure_aletheia_lora(model, rows, layer_scores={0: 1.0, 1: 2.0})
     with pytest.raises(TypeError, match="max_length must be an integer"):

@@ -292,6 +292,8 @@ def configure_aletheia_lora(
             progress=progress,
         )
     else:
+        if not isinstance(layer_scores, Mapping):
+            raise TypeError(f"layer_scores must map layer index -> score, got {type(layer_scores).__name__}")
         scores = layer_scores if isinstance(layer_scores, LayerScores) else LayerScores(layer_scores)
         if sorted(scores) != list(range(stack.num_layers)):
             raise ValueError(
