@@ -33,13 +33,14 @@ from aletheia_lora import (
     LayerScores,
     aletheia_lora_config,
     apply_aletheia_lora,
+    find_decoder_stack,
     gradient_probe,
     predict_speedup,
     select_layers,
 )
 from aletheia_lora.cli import main
 from aletheia_lora.cost import CostModel
-from aletheia_lora.data import DataConfig, check_max_length, load_records, tokenize_records
+from aletheia_lora.data import DataConfig, check_max_length, load_records, model_context_length, tokenize_records
 from aletheia_lora.files import prepare_output_dir, write_json
 from aletheia_lora.models import load_model_and_tokenizer, resolve_dtype
 
@@ -340,8 +341,8 @@ CASES: list[Case] = [
          lambda c: _probe(c, model=c.model("gpt2"), rows=[{"input_ids": [1] * 1100}]),
          Raises(ValueError, "probe batch length 1100 is longer than the model's context of 1024 tokens"),
          pending="probe.py gradient_probe: after building `batches`, call `aletheia_lora.data.check_max_length("
-         "max(b['input_ids'].shape[-1] for b in batches), base, name='probe batch length')` (today GPT-2 fails with "
-         "IndexError: index out of range in self)"),
+         "max(torch.as_tensor(b['input_ids']).shape[-1] for b in batches), base, name='probe batch length')` "
+         "(today GPT-2 fails with IndexError: index out of range in self)"),
     Case("probe-dataloader-bad-batches", "gradient_probe", "a DataLoader yielding lists, not dicts",
          lambda c: _probe(c, rows=torch.utils.data.DataLoader([[1, 2, 3]], batch_size=1)),
          Raises(ValueError, "DataLoader batches must be dicts with 'input_ids'")),
@@ -744,3 +745,32 @@ def write_docs_table() -> None:
 if __name__ == "__main__":
     write_docs_table()
     print(f"wrote {DOCS} ({len(CASES)} cases)")
+
+
+# --- the model's context --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arch, expected",
+    [("llama", (2048, "max_position_embeddings")), ("gpt2", (1024, "max_position_embeddings")), ("bloom", None)],
+)
+def test_model_context_length_reads_the_config_of_each_family(arch, expected):
+    model = _cached_model(arch, 2)
+    assert model_context_length(model) == expected
+    assert model_context_length(model.config) == expected
+    stack = find_decoder_stack(model)
+    lora = LoraConfig(r=2, target_modules=stack.attention_modules[:1], fan_in_fan_out=stack.fan_in_fan_out)
+    wrapped = get_peft_model(copy.deepcopy(model), lora)
+    assert model_context_length(wrapped) == expected
+
+
+def test_check_max_length_allows_the_whole_context_and_skips_models_without_one():
+    config = transformers.GPT2Config(n_positions=64)
+    assert check_max_length(64, config) == 64
+    with pytest.raises(ValueError, match=r"--max-length 65 is longer .* 64 tokens \(max_position_embeddings of gpt2"):
+        check_max_length(65, config)
+    with pytest.raises(ValueError, match="probe batch length 65 is longer"):
+        check_max_length(65, config, name="probe batch length")
+    assert check_max_length(10**6, transformers.BloomConfig()) is None
+    with pytest.raises(ValueError, match="--max-length must be a positive integer, got '8'"):
+        check_max_length("8", config)

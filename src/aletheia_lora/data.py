@@ -412,7 +412,8 @@ def check_max_length(max_length: int, model_or_config: Any, *, name: str = "--ma
     Raises:
         ValueError: ``max_length`` is longer than the context; the message names both numbers.
     """
-    _check_max_length(max_length)
+    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 1:
+        raise ValueError(f"{name} must be a positive integer, got {max_length!r}")
     found = model_context_length(model_or_config)
     if found is None:
         return None
