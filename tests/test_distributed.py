@@ -15,9 +15,9 @@ import torch.distributed as dist
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from aletheia_lora import gradient_probe
+from aletheia_lora import distributed, gradient_probe
 from aletheia_lora.data import DataConfig, build_datasets
-from aletheia_lora.distributed import agree, fail_together, on_main_process
+from aletheia_lora.distributed import agree, fail_together, is_main_process, on_main_process
 from aletheia_lora.train import evaluate_loss
 from dist_workers import METRICS, PROBE, probe_rows
 from tiny_models import tiny_model
@@ -143,6 +143,17 @@ def test_single_process_helpers_need_no_process_group():
         fail_together(lambda: (_ for _ in ()).throw(ValueError("bad input")))
     with pytest.raises(ValueError, match="distributed=True but torch.distributed is not initialised"):
         gradient_probe(tiny_model("llama", 2), probe_rows(), distributed=True, progress=False)
+
+
+def test_the_launcher_rank_counts_when_no_group_is_left(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.rank() == 1 and not is_main_process()
+    monkeypatch.setenv("RANK", "0")
+    assert is_main_process()
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("RANK", "1")  # without a launcher's WORLD_SIZE, a stray RANK means nothing
+    assert distributed.rank() == 0 and is_main_process()
 
 
 def cli_args(checkpoint, corpus, out) -> list[str]:

@@ -51,8 +51,16 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    """This process's global rank (0 without a process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's global rank: the process group's, else the launcher's ``RANK`` (the group may be gone
+    already, e.g. after :func:`shutdown`), else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    if launched_with_several_processes():
+        try:
+            return int(os.environ.get("RANK", "0"))
+        except ValueError:
+            return 0
+    return 0
 
 
 def world_size() -> int:
@@ -61,7 +69,8 @@ def world_size() -> int:
 
 
 def is_main_process() -> bool:
-    """True on rank 0 (and in a single process)."""
+    """True on rank 0 (and in a single process), also after the process group is destroyed: the command line
+    prints its summary on rank 0 only."""
     return rank() == 0
 
 

@@ -383,7 +383,8 @@ def gradient_probe(
     if sharded and distributed is False and dist.get_world_size() > 1:
         raise ValueError("distributed=False: a sharded (FSDP/DTensor) model needs every rank in its forward pass")
     # A sharded model always takes the collective path: its shards must be combined, even on one rank.
-    collective = initialised and (sharded or dist.get_world_size() > 1) if distributed is None else distributed
+    wanted = dist.get_world_size() > 1 if distributed is None and initialised else bool(distributed)
+    collective = initialised and (sharded or wanted)
     world = dist.get_world_size() if collective else 1
     rank = dist.get_rank() if collective else 0
 
