@@ -18,6 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from aletheia_lora import distributed, gradient_probe
 from aletheia_lora.data import DataConfig, build_datasets
 from aletheia_lora.distributed import agree, fail_together, is_main_process, on_main_process
+from aletheia_lora.models import ModelConfig
+from aletheia_lora.pipeline import RunConfig, run_probe
+from aletheia_lora.probe import ProbeConfig
 from aletheia_lora.train import evaluate_loss
 from dist_workers import METRICS, PROBE, probe_rows
 from tiny_models import tiny_model
@@ -154,6 +157,19 @@ def test_the_launcher_rank_counts_when_no_group_is_left(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setenv("RANK", "1")  # without a launcher's WORLD_SIZE, a stray RANK means nothing
     assert distributed.rank() == 0 and is_main_process()
+
+
+def test_run_probe_in_one_process_writes_scores_selection_and_plot(tiny_checkpoint, tiny_corpus, tmp_path):
+    config = RunConfig(
+        model=ModelConfig(model=str(tiny_checkpoint)),
+        data=DataConfig(data=str(tiny_corpus / "target.txt"), max_length=16),
+        probe=ProbeConfig(probe_batches=2),
+    )
+    result = run_probe(config, tmp_path / "p", progress=False)
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["layer_scores.png", "scores.json", "selection.json"]
+    assert result["scores"].meta["world_size"] == 1 and result["scores"].meta["sharded"] is False
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        run_probe(config, tmp_path / "p", progress=False)
 
 
 def cli_args(checkpoint, corpus, out) -> list[str]:
