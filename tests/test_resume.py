@@ -157,11 +157,6 @@ def _half_savefig(fig, path, *args, **kwargs):
     raise Interrupted
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plots.py _save: write through `with aletheia_lora.files.atomic_path(path) as tmp: fig.savefig(tmp, ...)` "
-    "(today an interrupted savefig leaves .NAME.tmp.png behind)",
-)
 def test_an_interrupted_plot_leaves_the_old_png_and_no_temporary_file(tmp_path, monkeypatch):
     from aletheia_lora.plots import plot_layer_scores
 

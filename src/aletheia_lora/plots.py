@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from aletheia_lora.files import atomic_path
+
 
 def _pyplot():
     import matplotlib
@@ -17,11 +19,9 @@ def _pyplot():
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    return Path(path)
 
 
 def plot_layer_scores(
