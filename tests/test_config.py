@@ -164,3 +164,34 @@ def test_mlp_and_attention_rank_quick_start_form():
     config = apply_aletheia_lora(model=model, selected_layers=[2, 3], attention_r=16, mlp_r=64)
     assert config.rank_pattern["q_proj"] == 16 and config.rank_pattern["down_proj"] == 64
     assert config.alpha_pattern["q_proj"] == 32 and config.alpha_pattern["down_proj"] == 128
+
+
+def test_rank_allocation_from_scores_keeps_the_budget():
+    model = tiny_model("llama", n_layers=4)
+    scores = {0: 1.0, 1: 1.0, 2: 4.0, 3: 2.0}
+    config = apply_aletheia_lora(model, [2, 3], r=8, lora_alpha=16, rank_allocation="scores", layer_scores=scores)
+    peft_model = get_peft_model(model, config)
+    ranks = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "r") and "default" in getattr(module, "r", {}):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            ranks.setdefault(layer, set()).add(module.r["default"])
+            assert module.scaling["default"] == pytest.approx(2.0)  # alpha follows the rank
+    assert set(ranks) == {2, 3}
+    assert max(ranks[2]) > max(ranks[3])  # the higher-scoring layer gets the larger rank
+    uniform = get_peft_model(tiny_model("llama", n_layers=4), apply_aletheia_lora(tiny_model("llama", 4), [2, 3], r=8))
+    count = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+    assert count <= sum(p.numel() for n, p in uniform.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"rank_allocation": "scores"}, "rank_allocation='scores' needs layer_scores"),
+        ({"rank_allocation": "fancy"}, "rank_allocation must be 'uniform' or 'scores', got 'fancy'"),
+        ({"rank_allocation": "scores", "layer_scores": {0: 1.0, 1: 2.0}, "mlp_r": 4}, "do not give mlp_r=4"),
+    ],
+)
+def test_rank_allocation_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        apply_aletheia_lora(tiny_model("llama", n_layers=2), [1], **kwargs)

@@ -16,6 +16,8 @@ from aletheia_lora.layers import ATTENTION, MLP, DecoderStack, find_decoder_stac
 
 logger = logging.getLogger(__name__)
 
+RANK_ALLOCATIONS = ("uniform", "scores")
+
 # Used only when no model is given (aletheia_lora_config): the Llama/Qwen/Mistral names, as the reference.
 LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _KNOWN_KINDS = {
@@ -47,8 +49,22 @@ class LoraSettings:
         default=None, metadata={"help": "Module names to adapt (default: the architecture's attention and MLP)."}
     )
     target_experts: bool = field(default=False, metadata={"help": "Also adapt fused MoE expert weights."})
+    rank_allocation: str = field(
+        default="uniform",
+        metadata={
+            "help": "uniform: rank r everywhere; scores: the parameter budget of rank r spread over the selected "
+            "layers in proportion to their probe scores"
+        },
+    )
+    rank_by: str = field(
+        default="layer", metadata={"help": "With --rank-allocation scores: one rank per layer, or per layer_and_kind."}
+    )
 
     def __post_init__(self) -> None:
+        if self.rank_allocation not in RANK_ALLOCATIONS:
+            raise ValueError(f"--rank-allocation must be uniform or scores, got {self.rank_allocation!r}")
+        if self.rank_by not in ("layer", "layer_and_kind"):
+            raise ValueError(f"--rank-by must be layer or layer_and_kind, got {self.rank_by!r}")
         for name in ("r", "lora_alpha", "attention_r", "mlp_r", "attention_alpha", "mlp_alpha"):
             value = getattr(self, name)
             if value is None and name not in ("r", "lora_alpha"):
@@ -69,7 +85,13 @@ class LoraSettings:
         out["r"] = int(self.r)
         for k in ("attention_r", "mlp_r"):
             out[k] = None if out[k] is None else int(out[k])
-        return {**out, "target_modules": self.target_modules, "target_experts": self.target_experts}
+        return {
+            **out,
+            "target_modules": self.target_modules,
+            "target_experts": self.target_experts,
+            "rank_allocation": self.rank_allocation,
+            "rank_by": self.rank_by,
+        }
 
 
 def validate_selected_layers(selected_layers, num_layers: int | None = None) -> list[int]:
@@ -293,6 +315,9 @@ def apply_aletheia_lora(
     task_type: str = "CAUSAL_LM",
     *,
     target_experts: bool = False,
+    rank_allocation: str = "uniform",
+    layer_scores=None,
+    rank_by: str = "layer",
     **lora_kwargs,
 ) -> LoraConfig:
     """Build the ``LoraConfig`` for ``model``: its own module names, its block stack, checked against PEFT.
@@ -310,12 +335,27 @@ def apply_aletheia_lora(
         target_experts: Also adapt fused MoE expert weights (PEFT ``target_parameters``) in the selected
             blocks. Off by default: routers and experts are left to the base model, attention and any
             shared-expert MLP are adapted.
+        rank_allocation: ``uniform`` (rank ``r`` everywhere) or ``scores``: the parameter budget of rank ``r``
+            on the selected layers, spread in proportion to ``layer_scores`` (see :func:`allocate_ranks`).
+        layer_scores: Probe scores, needed by ``rank_allocation="scores"``.
+        rank_by: With ``scores``: ``layer`` (one rank per layer) or ``layer_and_kind``.
         Other arguments: as :func:`aletheia_lora_config`.
 
     Returns:
         The ``LoraConfig``.
     """
     target_experts = _check_bool("target_experts", target_experts)
+    if rank_allocation not in RANK_ALLOCATIONS:
+        raise ValueError(f"rank_allocation must be 'uniform' or 'scores', got {rank_allocation!r}")
+    if rank_allocation == "scores":
+        if layer_scores is None:
+            raise ValueError("rank_allocation='scores' needs layer_scores (from gradient_probe)")
+        for name, value in (("attention_r", attention_r), ("mlp_r", mlp_r)):
+            if value is not None:
+                raise ValueError(f"rank_allocation='scores' sets every rank; do not give {name}={value!r}")
+        for name, value in (("attention_alpha", attention_alpha), ("mlp_alpha", mlp_alpha)):
+            if value is not None:
+                raise ValueError(f"rank_allocation='scores' sets every alpha; do not give {name}={value!r}")
     stack = find_decoder_stack(model)
     base = unwrap_model(model)
     layers = validate_selected_layers(selected_layers, stack.num_layers)
@@ -352,4 +392,17 @@ def apply_aletheia_lora(
         **lora_kwargs,
     )
     _check_against_model(config, base, stack, layers)
+    if rank_allocation == "scores":
+        from aletheia_lora.ranks import allocate_ranks, with_rank_allocation  # ranks imports this module
+
+        allocation = allocate_ranks(
+            model,
+            layer_scores,
+            layers,
+            r=r,
+            lora_alpha=lora_alpha,
+            by=rank_by,
+            target_modules=list(config.target_modules),
+        )
+        config = with_rank_allocation(config, allocation)
     return config
