@@ -169,11 +169,6 @@ def test_an_interrupted_plot_leaves_the_old_png_and_no_temporary_file(tmp_path, 
     assert _names(tmp_path) == ["layer_scores.png"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train.py _atomic_save_adapter: replace its body with `with aletheia_lora.files.atomic_dir(target) as "
-    "tmp: model.save_pretrained(tmp)` (today an interrupted save leaves .adapter.tmp-PID behind)",
-)
 def test_an_interrupted_adapter_save_leaves_the_old_adapter_and_no_temporary_folder(tmp_path, monkeypatch):
     from aletheia_lora.train import _atomic_save_adapter
 
@@ -380,12 +375,6 @@ def test_sigint_then_sigkill_then_resume_gives_the_uninterrupted_adapter(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="train.py train_lora: pick the resume checkpoint with aletheia_lora.files.last_complete_checkpoint("
-    "checkpoints) instead of transformers' get_last_checkpoint, which picks a folder the kill cut off while saving "
-    "(in the --resume branch and in the KeyboardInterrupt message)",
-)
 def test_sigkill_while_saving_a_checkpoint_resumes_from_the_one_before(
     uninterrupted, tiny_checkpoint, tiny_corpus, tmp_path
 ):

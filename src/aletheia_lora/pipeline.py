@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from aletheia_lora.config import LoraSettings, apply_aletheia_lora
-from aletheia_lora.data import DataConfig, build_datasets
+from aletheia_lora.data import DataConfig, build_datasets, check_max_length
 from aletheia_lora.distributed import fail_together, fsdp1_units, is_main_process, launched_job, on_main_process
 from aletheia_lora.files import prepare_output_dir, write_json
 from aletheia_lora.layers import find_decoder_stack
@@ -94,6 +94,7 @@ def run_probe(config: RunConfig, out_dir: str | Path, *, overwrite: bool = False
     with launched_job(config.train.dist_timeout):
         out = prepare_run_dir(out_dir, overwrite=overwrite)
         model, tokenizer = fail_together(config.model.load)
+        check_max_length(config.data.max_length, model)
         data = replace(config.data, general_data=None)
         train_rows = fail_together(lambda: build_datasets(data, tokenizer)[0])
         return probe_and_select(model, train_rows, config, out, progress=progress)
@@ -151,6 +152,7 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
     model, tokenizer = fail_together(config.model.load)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stack = find_decoder_stack(model)
+    check_max_length(config.data.max_length, model)
     train_rows, eval_rows, general_rows = fail_together(build_datasets, config.data, tokenizer)
     logger.info(
         "data: %d training rows, %d eval rows, %s general rows of up to %d tokens",
@@ -171,20 +173,26 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
         logger.info("evaluating the base model")
         report["eval_before"] = _eval_all(model, eval_rows, general_rows, config.train.batch_size, pad_token_id)
 
+    scores = None
     if layers is not None:
+        if config.lora.rank_allocation == "scores":
+            raise ValueError("--rank-allocation scores needs probe scores: drop --layers, or give --scores")
         selection = {"strategy": "given", "selected_layers": sorted(layers), "probe_seconds": 0.0}
         on_main_process(write_json, out / "selection.json", selection)
     elif scores_file is not None:
         # rank 0 reads the file and hands the selection to all: every rank trains the same layers
         selection = on_main_process(_select_from_file, scores_file, model, stack.num_layers, config)
         on_main_process(write_json, out / "selection.json", selection)
+        if config.lora.rank_allocation == "scores":
+            scores = LayerScores.from_json(scores_file)
     else:
-        selection = probe_and_select(model, train_rows, config, out, progress=progress)["selection"]
+        probed = probe_and_select(model, train_rows, config, out, progress=progress)
+        scores, selection = probed["scores"], probed["selection"]
     report["selection"] = selection
     selected = selection["selected_layers"]
     logger.info("adapting layers %s", selected)
 
-    lora_config = apply_aletheia_lora(model, selected, **config.lora.kwargs())
+    lora_config = apply_aletheia_lora(model, selected, layer_scores=scores, **config.lora.kwargs())
     result = train_lora(
         model,
         lora_config,

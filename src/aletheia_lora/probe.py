@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from aletheia_lora.data import IGNORE_INDEX, pad_collate
+from aletheia_lora.data import IGNORE_INDEX, check_max_length, pad_collate
 from aletheia_lora.distributed import (
     agree,
     collective_device,
@@ -351,10 +351,16 @@ def gradient_probe(
     _check_positive_int("batch_size", batch_size)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an integer, got {seed!r}")
-    if metric not in METRICS:
+    if not 0 <= seed < 2**64:  # what torch.Generator.manual_seed accepts
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+    if not isinstance(metric, str) or metric not in METRICS:
         raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
     if compute_dtype is not None and not isinstance(compute_dtype, torch.dtype):
         raise TypeError(f"compute_dtype must be a torch.dtype or None, got {compute_dtype!r}")
+    if compute_dtype is not None and not compute_dtype.is_floating_point:
+        raise ValueError(f"compute_dtype must be a floating-point dtype, got {compute_dtype}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
     if distributed is not None and not isinstance(distributed, bool):
         raise TypeError(f"distributed must be True, False or None, got {distributed!r}")
     # FSDP1 flat parameters are plain Parameters marked with _is_flat_param (a metaclass makes isinstance work)
@@ -391,7 +397,10 @@ def gradient_probe(
     if device is None:
         first = next(base.parameters(), None)
         device = _local(first).device if first is not None else torch.device("cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
     comm_device = collective_device(device) if collective else None
     if pad_token_id is None:
         config = getattr(base, "config", None)
@@ -408,6 +417,8 @@ def gradient_probe(
         _check_same_batches(batches, comm_device)
     else:
         batches = _probe_batches(dataset, probe_batches, batch_size, seed, pad_token_id)
+    longest = max(torch.as_tensor(b["input_ids"]).shape[-1] for b in batches)
+    check_max_length(longest, base, name="probe batch length")
     mine = batches if sharded or not collective else batches[rank::world]
 
     embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None

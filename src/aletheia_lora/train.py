@@ -13,7 +13,6 @@ import logging
 import math
 import numbers
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -33,6 +32,7 @@ from aletheia_lora.distributed import (
     is_sharded_model,
     on_main_process,
 )
+from aletheia_lora.files import atomic_dir, last_complete_checkpoint
 from aletheia_lora.layers import DecoderStack, find_decoder_stack, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -299,18 +299,9 @@ class TrainResult:
 
 
 def _atomic_save_adapter(model: PeftModel, target: Path) -> None:
-    target = Path(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, target)
+    # A crash mid-save keeps the previous adapter and leaves no half-written folder.
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
 
 
 def train_lora(
@@ -344,7 +335,6 @@ def train_lora(
         A :class:`TrainResult`; ``adapter_dir`` loads with ``PeftModel.from_pretrained``.
     """
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
 
     config = config or TrainConfig()
     if len(train_dataset) == 0:
@@ -353,10 +343,11 @@ def train_lora(
     checkpoints = output_dir / "checkpoints"
     resume_from = None
     if resume:
-        resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        resume_from = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
         if resume_from is None:
             raise ValueError(f"--resume: no checkpoint found in {str(checkpoints)!r}")
         logger.info("resuming from %s", resume_from)
+        resume_from = str(resume_from)
 
     torch.manual_seed(config.seed)
     peft_model = prepare_lora_model(model, lora_config, gradient_checkpointing=config.gradient_checkpointing)
@@ -428,7 +419,7 @@ def train_lora(
         with BackwardDepthMonitor(peft_model) as depth:
             trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:
-        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        last = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
         logger.error(
             "training interrupted at step %d; %s",
             trainer.state.global_step,
