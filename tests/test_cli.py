@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 import pytest
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aletheia_lora.cli import main
@@ -166,3 +166,26 @@ def test_train_resume_continues(tiny_checkpoint, tiny_corpus, tmp_path):
     assert report["train"]["steps"] == 2
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert not list(out.rglob("*.bin")) or all("training_args" in p.name for p in out.rglob("*.bin"))
+
+
+def test_config_exports_for_other_tools(tiny_checkpoint, tmp_path, capsys):
+    import yaml
+
+    assert main(["config", "--layers", "1", "3", "--model", str(tiny_checkpoint), "--format", "axolotl"]) == 0
+    axolotl = yaml.safe_load(capsys.readouterr().out)
+    assert axolotl["adapter"] == "lora" and axolotl["peft_layers_to_transform"] == [1, 3]
+    assert set(axolotl["lora_target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"}  # fmt: skip
+    assert main(["config", "--layers", "1", "3", "--model", str(tiny_checkpoint), "--format", "llamafactory"]) == 0
+    factory = yaml.safe_load(capsys.readouterr().out)
+    names = factory["lora_target"].split(",")
+    assert factory["finetuning_type"] == "lora" and len(names) == 14
+    assert all(n.startswith(("model.layers.1.", "model.layers.3.")) for n in names)
+    # the full names, read back as target_modules, make PEFT adapt exactly the selected layers
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_checkpoint), LoraConfig(target_modules=names))
+    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_" in n}
+    assert adapted == {1, 3}
+    assert main(["config", "--layers", "2", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["selected_layers"] == [2]
+    assert main(["config", "--layers", "2", "--format", "toml"]) == 2
+    assert "invalid choice: 'toml'" in capsys.readouterr().err

@@ -82,12 +82,6 @@ def test_trust_remote_code_must_be_a_real_boolean(tiny_checkpoint):
         ModelConfig(trust_remote_code=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py _parse: refuse `trust_remote_code` in a --config file (ValueError('--config: trust_remote_code "
-    "runs code shipped with the checkpoint; give --trust-remote-code on the command line')), so that a shared "
-    "config file cannot switch it on unseen",
-)
 def test_a_config_file_cannot_switch_on_remote_code(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "c.yaml"

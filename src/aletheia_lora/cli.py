@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import sys
@@ -21,6 +22,15 @@ logger = logging.getLogger("aletheia_lora")
 
 # Errors that mean "the input was wrong", answered with one line and exit status 2.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError)
+
+
+class _UsageError(ValueError):
+    """A flag argparse could not parse: answered with one line, also under --debug (there is no traceback to show)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the whole usage block and exit
+        raise _UsageError(message)
 
 
 def _flag(name: str) -> str:
@@ -96,17 +106,14 @@ def _run_config(args: argparse.Namespace):
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from aletheia_lora.data import build_datasets
-    from aletheia_lora.files import prepare_output_dir
-    from aletheia_lora.pipeline import probe_and_select
+    from aletheia_lora.distributed import is_main_process
+    from aletheia_lora.pipeline import run_probe
 
-    config = _run_config(args)
-    out = prepare_output_dir(args.out, overwrite=args.overwrite)
-    model, tokenizer = config.model.load()
-    train_rows, _, _ = build_datasets(dataclasses.replace(config.data, general_data=None), tokenizer)
-    result = probe_and_select(model, train_rows, config, out, progress=not args.quiet)
-    _print_selection(result["selection"])
-    print(f"wrote {out / 'scores.json'}, {out / 'selection.json'} and {out / 'layer_scores.png'}")
+    result = run_probe(_run_config(args), args.out, overwrite=args.overwrite, progress=not args.quiet)
+    if is_main_process():
+        out = Path(args.out)
+        _print_selection(result["selection"])
+        print(f"wrote {out / 'scores.json'}, {out / 'selection.json'} and {out / 'layer_scores.png'}")
     return 0
 
 
@@ -124,6 +131,13 @@ def _print_selection(selection: dict) -> None:
         )
 
 
+def _make_parent(path: str) -> None:
+    parent = Path(path).parent
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(path))
+    parent.mkdir(parents=True, exist_ok=True)
+
+
 def _cmd_select(args: argparse.Namespace) -> int:
     from aletheia_lora.files import write_json
     from aletheia_lora.probe import LayerScores
@@ -133,7 +147,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
     selection = describe_selection(scores, **_build(_groups("select")[0][1], args).kwargs())
     _print_selection(selection)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(args.out)
         write_json(args.out, selection)
         print(f"wrote {args.out}")
     return 0
@@ -155,34 +169,38 @@ def _selected_layers(args: argparse.Namespace) -> list[int]:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from aletheia_lora.config import LoraSettings, aletheia_lora_config, apply_aletheia_lora
+    from aletheia_lora.config import LoraSettings, aletheia_lora_config, apply_aletheia_lora, export_config
     from aletheia_lora.files import write_text
+    from aletheia_lora.probe import LayerScores
 
     layers = _selected_layers(args)
     lora = _build(LoraSettings, args).kwargs()
+    model = None
     if args.model:
         from aletheia_lora.models import ModelConfig
 
         model, _ = ModelConfig(model=args.model, trust_remote_code=args.trust_remote_code).load()
-        config = apply_aletheia_lora(model, layers, **lora)
+        scores = LayerScores.from_json(args.scores) if args.scores and lora["rank_allocation"] == "scores" else None
+        config = apply_aletheia_lora(model, layers, layer_scores=scores, **lora)
     else:
-        lora.pop("target_experts")
+        if lora["rank_allocation"] != "uniform":
+            raise ValueError("--rank-allocation scores needs --model (ranks are budgeted on its module shapes)")
+        for key in ("target_experts", "rank_allocation", "rank_by"):
+            lora.pop(key)
         config = aletheia_lora_config(layers, **lora)
-    with tempfile.TemporaryDirectory() as tmp:
-        config.save_pretrained(tmp)
-        text = (Path(tmp) / "adapter_config.json").read_text()
+    text = export_config(config, args.format, model)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(args.out)
         write_text(args.out, text)
-        print(f"wrote {args.out} (load with peft.LoraConfig.from_json_file)")
+        loader = {"peft": " (load with peft.LoraConfig.from_pretrained on its folder)"}.get(args.format, "")
+        print(f"wrote {args.out}{loader}")
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0
 
 
 def _cmd_train(args: argparse.Namespace, evaluate: bool = False) -> int:
+    from aletheia_lora.distributed import is_main_process
     from aletheia_lora.pipeline import run_pipeline, summary_table
 
     config = _run_config(args)
@@ -197,9 +215,11 @@ def _cmd_train(args: argparse.Namespace, evaluate: bool = False) -> int:
         layers=args.layers,
         scores_file=args.scores,
     )
-    print()
-    print(summary_table(report))
-    print(f"\nreport: {Path(args.out) / 'metrics.json'} (plots: layer_scores.png, loss_curve.png)")
+    if is_main_process():
+        plots = "loss_curve.png" if args.layers else "layer_scores.png, loss_curve.png"
+        print()
+        print(summary_table(report))
+        print(f"\nreport: {Path(args.out) / 'metrics.json'} (plots: {plots})")
     return 0
 
 
@@ -246,12 +266,12 @@ def _load_config_file(path: str) -> dict:
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The argument parser, and each subcommand's parser by name."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="aletheia-lora",
         description="Gradient-guided layer selection for efficient LoRA fine-tuning.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     common.add_argument("--config", metavar="FILE", help="YAML or JSON file of flag values (flags given here win)")
@@ -285,7 +305,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         if name == "config":
             sub.add_argument("--model", help="take module names and layer pattern from this model (else Llama names)")
             sub.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with --model")
-            sub.add_argument("--out", help="write adapter_config.json here (default: stdout)")
+            sub.add_argument("--out", help="write the config here (default: stdout)")
+            sub.add_argument(
+                "--format",
+                default="peft",
+                choices=["peft", "axolotl", "llamafactory", "json"],
+                help="peft: adapter_config.json; axolotl / llamafactory: their YAML LoRA keys; json: the selection "
+                "(default: %(default)s)",
+            )
         if name == "bench":
             sub.add_argument("--out", default="bench/results", help="folder of train_NAME.* (default: %(default)s)")
             sub.add_argument("--docs", help="also write the benchmark page here, e.g. docs/BENCHMARKS.md")
@@ -295,6 +322,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
+    from aletheia_lora.files import check_config_output_path
+
     parser, parsers = build_parser()
     args = parser.parse_args(argv)
     if args.config:
@@ -304,6 +333,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"--config: unknown setting(s) {unknown} for `aletheia-lora {args.command}`")
+        if values.get("trust_remote_code") is True:
+            raise ValueError(
+                "--config: trust_remote_code runs code shipped with the checkpoint; "
+                "give --trust-remote-code on the command line"
+            )
+        for key in ("out", "docs"):
+            if key in values:
+                values[key] = check_config_output_path(values[key], key)
         sub.set_defaults(**values)
         args = parser.parse_args(argv)
     return args
@@ -321,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()
     if not debug:
         # PEFT still calls a transformers alias deprecated in v5; the user can do nothing about it
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
@@ -338,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         return commands[args.command](args)
     except USER_ERRORS as exc:
-        if debug:
+        if debug and not isinstance(exc, _UsageError):
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"aletheia-lora: error: {message}", file=sys.stderr)

@@ -406,3 +406,93 @@ def apply_aletheia_lora(
         )
         config = with_rank_allocation(config, allocation)
     return config
+
+
+EXPORT_FORMATS = ("peft", "axolotl", "llamafactory", "json")
+
+
+def adapted_module_names(config: LoraConfig, model: nn.Module) -> list[str]:
+    """Full names of the modules PEFT will adapt in ``model`` under ``config``, found with PEFT's own matcher."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    base = unwrap_model(model)
+    return [
+        name
+        for name, _ in base.named_modules()
+        if name
+        and "lora_" not in name
+        and not name.endswith(".base_layer")
+        and check_target_module_exists(config, name)
+    ]
+
+
+def export_config(config: LoraConfig, fmt: str = "peft", model: nn.Module | None = None) -> str:
+    """Write a selection's LoRA config in the form another tool reads.
+
+    Args:
+        config: From :func:`apply_aletheia_lora` or :func:`aletheia_lora_config`.
+        fmt: ``peft`` (``adapter_config.json``, for ``LoraConfig.from_pretrained``); ``axolotl`` (YAML keys
+            ``adapter``, ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``,
+            ``peft_layers_to_transform``); ``llamafactory`` (YAML keys ``finetuning_type``, ``lora_rank``,
+            ``lora_alpha``, ``lora_dropout`` and ``lora_target``, which has no layer option: it lists the full
+            names of the adapted modules, which PEFT matches exactly); ``json`` (the selection and LoRA settings).
+        model: Needed for ``llamafactory`` to name the modules (without it, the Llama layout
+            ``model.layers.N.self_attn|mlp.NAME`` is assumed).
+
+    Returns:
+        The text to write.
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    layers = sorted(config.layers_to_transform or [])
+    targets = sorted(config.target_modules)
+    if config.rank_pattern and fmt in ("axolotl", "llamafactory"):
+        raise ValueError(f"format {fmt!r} has no per-module ranks; export with --format peft")
+    if fmt == "peft":
+        with tempfile.TemporaryDirectory() as tmp:
+            config.save_pretrained(tmp)
+            return (Path(tmp) / "adapter_config.json").read_text()
+    if fmt == "json":
+        payload = {
+            "selected_layers": layers,
+            "target_modules": targets,
+            "r": config.r,
+            "lora_alpha": config.lora_alpha,
+            "lora_dropout": config.lora_dropout,
+            "layers_pattern": config.layers_pattern,
+            "rank_pattern": dict(config.rank_pattern),
+            "alpha_pattern": dict(config.alpha_pattern),
+        }
+        return json.dumps(payload, indent=2) + "\n"
+    if fmt == "axolotl":
+        payload = {
+            "adapter": "lora",
+            "lora_r": config.r,
+            "lora_alpha": config.lora_alpha,
+            "lora_dropout": config.lora_dropout,
+            "lora_target_modules": targets,
+            "peft_layers_to_transform": layers,
+        }
+        return yaml.safe_dump(payload, sort_keys=False)
+    if model is not None:
+        names = adapted_module_names(config, model)
+    else:
+        names = [
+            f"model.layers.{i}.{'self_attn' if _KNOWN_KINDS.get(t) == ATTENTION else 'mlp'}.{t}"
+            for i in layers
+            for t in targets
+        ]
+    payload = {
+        "finetuning_type": "lora",
+        "lora_rank": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "lora_target": ",".join(names),
+    }
+    return yaml.safe_dump(payload, sort_keys=False, width=10**6)
