@@ -198,6 +198,7 @@ REVIEWED_WRITES = {
     ("plots.py", "_save"): "savefig into a temporary name, then os.replace",
     ("train.py", "_atomic_save_adapter"): "save_pretrained into a temporary folder, then os.replace",
     ("cli.py", "_cmd_config"): "save_pretrained into a TemporaryDirectory, read back, then write_text",
+    ("config.py", "export_config"): "save_pretrained into a TemporaryDirectory, read back; the caller writes the text",
     ("bench.py", "start_peak"): "writes the kernel's /proc/self/clear_refs to reset the peak RSS, not an output file",
 }
 _WRITERS = {"write_text", "write_bytes", "savefig", "save_pretrained", "save", "save_file", "to_csv", "to_parquet"}

@@ -346,6 +346,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _say(line: str) -> None:
+    # One write per line: several ranks share stderr, and print() writes the newline separately.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `aletheia-lora` command."""
     argv = sys.argv[1:] if argv is None else argv
@@ -381,15 +387,15 @@ def main(argv: list[str] | None = None) -> int:
         if debug and not isinstance(exc, _UsageError):
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"aletheia-lora: error: {message}", file=sys.stderr)
+        _say(f"aletheia-lora: error: {message}")
         return 2
     except OSError as exc:  # a full disk, a vanished folder: the user's environment, not a bug
         if debug:
             raise
-        print(f"aletheia-lora: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        _say(f"aletheia-lora: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
         return 2
     except KeyboardInterrupt:
-        print("aletheia-lora: interrupted", file=sys.stderr)
+        _say("aletheia-lora: interrupted")
         return 130
 
 
