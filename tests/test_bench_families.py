@@ -1,0 +1,108 @@
+"""The family benchmark (bench/families.py): config scaling, the scattered probe pattern, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "families.py"
+CONFIG = REPO / "bench" / "configs" / "families.yaml"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("bench_families", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+families = _module()
+
+
+def test_every_configured_family_keeps_its_real_layers_heads_and_ratios():
+    cfg = families.load_config(CONFIG)
+    assert len(cfg["families"]) == 8
+    for fam in cfg["families"]:
+        real, dims = fam["real"], families.scaled_dims(fam["real"], fam["scale"])
+        config = families.hf_config(fam["arch"], dims)
+        assert config.num_hidden_layers == real["layers"]
+        assert (config.num_attention_heads, config.num_key_value_heads) == (real["heads"], real["kv_heads"])
+        assert config.hidden_size == real["hidden"] // fam["scale"]
+        assert 128 <= config.hidden_size <= 320
+        for name, drift in families.ratio_drift(real, dims).items():
+            assert abs(drift) < 0.01, (fam["family"], name, drift)
+        if "experts" in real:
+            assert config.num_local_experts == real["experts"]
+            assert config.num_experts_per_tok == real["experts_per_token"]
+
+
+def test_scaled_dims_rejects_a_bad_scale_and_keeps_head_dim_even():
+    real = {"layers": 3, "hidden": 96, "intermediate": 256, "heads": 2, "kv_heads": 1, "head_dim": 48, "vocab": 999}
+    dims = families.scaled_dims(real, 8)
+    assert dims["layers"] == 3 and dims["head_dim"] == 6 and dims["vocab"] == 125
+    with pytest.raises(ValueError):
+        families.scaled_dims(real, 0)
+
+
+def test_probe_pattern_resamples_real_scores_or_falls_back_to_every_other_layer(tmp_path):
+    scores = {str(i): s for i, s in enumerate([9.0, 5.0, 4.0, 1.0, 1.5, 1.0, 0.5, 3.0])}
+    source = tmp_path / "train.json"
+    source.write_text(json.dumps({"model": {"name": "m"}, "probe": {"scores": scores}}))
+    layers, how = families.probe_pattern(16, 8, source)
+    assert len(layers) == 8 and layers == sorted(set(layers)) and 0 in layers and "resampled" in how
+    layers, how = families.probe_pattern(7, 3, tmp_path / "missing.json")
+    assert layers == [0, 2, 4] and "every other layer from 0" in how
+
+
+def test_tiny_run_writes_json_markdown_plot_and_doc_from_the_json(tmp_path):
+    cfg = families.load_config(CONFIG)
+    tiny = []
+    for fam in cfg["families"]:
+        if fam["family"] in ("Llama-3.1", "Mixtral"):
+            fam = {**fam, "real": {**fam["real"], "layers": 4}, "scale": fam["scale"] * 4}
+            tiny.append(fam)
+    cfg.update(families=tiny, seq_len=16, warmup_steps=1, steps=2, probe_batches=1)
+    cfg["probe_scores_from"] = cfg["quality_from"] = str(tmp_path / "absent.json")
+    config = tmp_path / "families.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    out, docs = tmp_path / "results", tmp_path / "docs" / "EVIDENCE.md"
+    cmd = [sys.executable, str(SCRIPT), "--config", str(config), "--out", str(out), "--docs", str(docs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    result = json.loads((out / "families.json").read_text())
+    assert result["scaled_dimensions"] == ["hidden", "intermediate", "head_dim", "vocab"]
+    assert [f["family"] for f in result["families"]] == ["Llama-3.1", "Mixtral"]
+    for fam in result["families"]:
+        assert fam["scaled"]["layers"] == fam["real"]["layers"] == 4
+        assert [a["name"] for a in fam["arms"]] == list(families.ARMS)
+        arms = {a["name"]: a for a in fam["arms"]}
+        assert arms["all"]["measured_speedup"] == 1.0 and arms["all"]["layers"] == [0, 1, 2, 3]
+        assert arms["contiguous"]["layers"] == [2, 3] and arms["contiguous"]["lowest_layer_reached"] == 2
+        assert arms["probe-pattern"]["layers"] == [0, 2] and "every other layer" in fam["probe_pattern_source"]
+        for arm in fam["arms"]:
+            assert arm["num_adapted"] == len(arm["layers"]) and len(arm["step_seconds"]) == 3
+            assert arm["median_step_seconds"] > 0 and arm["tokens_per_second"] > 0
+            assert arm["lowest_layer_reached"] in (min(arm["layers"]), "embeddings") or arm["same_as"]
+        assert arms["contiguous"]["predicted_speedup"] > arms["probe-pattern"]["predicted_speedup"]
+
+    md = (out / "families.md").read_text()
+    doc = docs.read_text()
+    assert (out / "families.png").read_bytes()[:4] == b"\x89PNG"
+    for fam in result["families"]:
+        arm = {a["name"]: a for a in fam["arms"]}["contiguous"]
+        cell = f"{arm['measured_speedup']:.2f} / {arm['predicted_speedup']:.2f}"
+        assert cell in md and cell in doc
+    assert "no GPU" in doc and "was not on disk" in doc and "../results/families.png" in doc
+
+    # --render-only rebuilds the same markdown from the JSON alone
+    (out / "families.md").unlink()
+    subprocess.run(cmd + ["--render-only"], check=True, capture_output=True, timeout=60)
+    assert (out / "families.md").read_text() == md
