@@ -73,9 +73,10 @@ def test_writes_json_markdown_plots_and_the_docs_page(tiny_run, capsys):
     assert result["model"] == {"name": "tiny", "type": "llama", "num_layers": LAYERS}
     assert len(result["load_average"]["before"]) == 3 and result["load_average"]["during"]
     assert result["probe"]["seconds"] > 0 and len(result["probe"]["scores"]) == LAYERS
+    assert 0 < result["cpu_seconds"] and "min of CPU" in (out / "train_t.md").read_text()
     docs = tiny_run["docs"].read_text()
     assert "## Training benchmark `t`" in docs and "results/train_t_loss_vs_time.png" in docs
-    assert "## Gradient probe: ours vs the reference" in docs and "### Probe table" in docs
+    assert "## Gradient probe benchmark" in docs and "### Probe table" in docs
     assert "--config" in result["command"] and "--docs" in result["command"]
 
 

@@ -709,7 +709,7 @@ def run_bench(
         raise TypeError(f"config must be a BenchConfig, got {type(config).__name__}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     load_before = list(os.getloadavg())
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -767,6 +767,7 @@ def run_bench(
         "versions": versions(),
         "load_average": {"before": load_before, "during": runner.load, "after": list(os.getloadavg())},
         "wall_seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
         "probe": {"seconds": probe_seconds, "scores": {str(k): v for k, v in sorted(scores.items())}},
         "cost_model": cost.description,
         "cli_layers": cli_layers,
@@ -940,16 +941,61 @@ def _recommendation(result: dict) -> list[str]:
     for arm in sorted(arms, key=rank):
         r = arm["time_to_quality"]["ratio_to_all"]
         lines.append(
-            f"  `{arm['name']}` {'not reached' if r is None else f'{r:.2f}x'}, equal-time loss "
+            f"  - `{arm['name']}` {'not reached' if r is None else f'{r:.2f}x'}, equal-time loss "
             f"{arm['views']['equal_time']['target_loss']:.4f}, equal-step loss "
             f"{arm['views']['equal_steps']['target_loss']:.4f}, step speedup {arm['measured_speedup']:.2f}x."
         )
     selective = [a for a in result["arms"] if a["kind"] != BASELINE]
     top = min(selective, key=lambda a: a["views"]["equal_time"]["target_loss"])
     lines.append(
-        f"- Best quality per unit of time among all arms: `{top['name']}` (lowest adapted block "
+        f"- Best quality per unit of time among the selective arms: `{top['name']}` (lowest adapted block "
         f"{top['lowest_layer']}), equal-time loss {top['views']['equal_time']['target_loss']:.4f}."
     )
+    return lines
+
+
+def _overview(result: dict) -> list[str]:
+    """Sentences over all arms: quality per time, the cost model, memory and forgetting."""
+    base = next(a for a in result["arms"] if a["kind"] == BASELINE)
+    selective = [a for a in result["arms"] if a["kind"] != BASELINE]
+    speedups = [a["measured_speedup"] for a in selective]
+    ahead = [a["name"] for a in selective if a["views"]["equal_time"]["target_vs_all"] <= 1]
+    lines = [
+        "- "
+        + (
+            f"At equal time {', '.join(f'`{n}`' for n in ahead)} matched or beat all-layer LoRA's loss."
+            if ahead
+            else "No selective arm matched all-layer LoRA's loss at equal time: their steps were "
+            f"{min(speedups):.2f}-{max(speedups):.2f}x faster, but each step lowered the loss by less, and more "
+            "steps in the same time did not make up for it."
+        )
+    ]
+    errors = [a["prediction_error"] for a in selective]
+    order = sorted(selective, key=lambda a: a["measured_speedup"])
+    same_order = order == sorted(selective, key=lambda a: a["predicted_speedup"])
+    lines.append(
+        f"- The FLOP cost model's predicted speedups are off by {min(errors):+.1%} to {max(errors):+.1%} of the "
+        f"measured ones and {'rank' if same_order else 'do not rank'} the arms in the measured order"
+        + (
+            " (all too low, as if the adapters' small rank-r products cost more than their FLOPs on a CPU)."
+            if max(errors) < 0 and result["machine"]["device"] == "cpu"
+            else "."
+        )
+    )
+    saved = sorted(result["arms"], key=lambda a: a["lowest_layer"])
+    if all(a["memory"].get("saved_activations_mb") is not None for a in saved):
+        lines.append(
+            "- Activations kept for the backward pass, by lowest adapted block: "
+            + ", ".join(f"{a['memory']['saved_activations_mb']:.0f} MB (`{a['name']}`)" for a in saved)
+            + ". The resident-memory peak of a first step is noisier (the allocator reuses freed memory)."
+        )
+    forgetting = [a["views"]["equal_steps"]["forgetting"] for a in result["arms"]]
+    if all(f is not None and f < 0 for f in forgetting):
+        lines.append(
+            "- The general-corpus loss fell in every arm (negative forgetting), so no arm forgot; the forgetting "
+            "target then compares how much each improved it (all-layer LoRA "
+            f"{base['views']['equal_steps']['forgetting']:+.4f})."
+        )
     return lines
 
 
@@ -963,6 +1009,7 @@ def _reading(result: dict) -> list[str]:
         if not deep
         else f"- The backward pass went below the lowest adapted block in {deep}: their speed-up is lost."
     )
+    lines.extend(_overview(result))
     for arm in result["arms"]:
         if arm["kind"] == BASELINE:
             continue
@@ -982,7 +1029,8 @@ def _reading(result: dict) -> list[str]:
         lines.append(
             f"- Machine load (1-minute average) during the run: median {statistics.median(during):.1f}, "
             f"max {max(during):.1f} on {cpus} CPUs. Other work slows every arm, but the arms took turns step by "
-            "step, so ratios hold better than absolute times. One seed."
+            "step, so ratios hold better than absolute times. One seed, and one learning rate for every arm "
+            f"({result['config']['learning_rate']:g}): arms with fewer adapters might prefer another."
         )
     return lines
 
@@ -1036,7 +1084,8 @@ def _header(result: dict, h: str) -> list[str]:
         f"same batches. {_data_text(result)} Base model: target loss {result['base']['target_loss']:.4f}, general "
         f"loss {result['base']['general_loss']:.4f}.",
         "",
-        f"- Command: `{result['command']}` ({result['created']}, {result['wall_seconds'] / 60:.1f} min)",
+        f"- Command: `{result['command']}` ({result['created']}, {result['wall_seconds'] / 60:.1f} min"
+        + (f", {result['cpu_seconds'] / 60:.1f} min of CPU)" if "cpu_seconds" in result else ")"),
         f"- Machine: {machine['platform']}, {machine['cpu_count']} CPUs, {machine['torch_threads']} torch "
         f"thread(s), device {machine.get('device_name', machine['device'])}; load average before "
         f"{load['before'][0]:.2f}, after {load['after'][0]:.2f}",
@@ -1193,7 +1242,7 @@ def render_docs(result: dict, probe_markdown: str | None, *, results_link: str) 
         "",
         f"![speedup by arm]({results_link}/train_{name}_speedup.png)",
         "",
-        "## Gradient probe: ours vs the reference",
+        "## Gradient probe benchmark (`bench/probe_vs_reference.py`)",
         "",
     ]
     if probe_markdown:
