@@ -25,6 +25,12 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The committed benchmark figures: each rewrites its JSON, tables and docs page (tens of minutes on 2 cores).
+bench: setup
+	$(BIN)/python bench/probe_vs_reference.py
+	$(BIN)/aletheia-lora bench --config bench/configs/smollm2.yaml --docs docs/BENCHMARKS.md
+	$(BIN)/python bench/families.py --config bench/configs/families.yaml --out bench/results
+
 lint: setup
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
