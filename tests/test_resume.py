@@ -195,7 +195,7 @@ def test_an_interrupted_adapter_save_leaves_the_old_adapter_and_no_temporary_fol
 REVIEWED_WRITES = {
     ("files.py", "write_text"): "the atomic writer itself (temporary file, fsync, rename)",
     ("models.py", "write"): "fills write_dir_atomically's temporary folder, renamed whole once the marker is in",
-    ("plots.py", "_save"): "savefig into a temporary name, then os.replace",
+    ("plots.py", "save_figure"): "savefig into files.atomic_path: a temporary name, then os.replace",
     ("train.py", "_atomic_save_adapter"): "save_pretrained into a temporary folder, then os.replace",
     ("cli.py", "_cmd_config"): "save_pretrained into a TemporaryDirectory, read back, then write_text",
     ("config.py", "export_config"): "save_pretrained into a TemporaryDirectory, read back; the caller writes the text",

@@ -57,7 +57,7 @@ from aletheia_lora.cost import CostModel
 from aletheia_lora.data import pad_collate
 from aletheia_lora.files import write_json, write_text
 from aletheia_lora.layers import find_decoder_stack
-from aletheia_lora.plots import _pyplot, _save
+from aletheia_lora.plots import pyplot, save_figure
 from aletheia_lora.probe import gradient_probe
 from aletheia_lora.select import describe_selection, select_layers, selection_frontier, summarize_selection
 from aletheia_lora.train import EMBEDDINGS, BackwardDepthMonitor, evaluate_loss, prepare_lora_model
@@ -1178,7 +1178,7 @@ def render_markdown(result: dict, *, level: int = 1) -> str:
 
 def plot_loss_vs_time(result: dict, path: str | os.PathLike) -> Path:
     """Held-out target loss against training seconds, one line per arm."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for arm in result["arms"]:
         xs = [p["seconds"] for p in arm["curve"]]
@@ -1196,14 +1196,14 @@ def plot_loss_vs_time(result: dict, path: str | os.PathLike) -> Path:
         ax.set_ylim(low - 0.05 * (high - low or 1), high + 0.1 * (high - low or 1))
     ax.legend(fontsize=8)
     try:
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
 
 def plot_speedups(result: dict, path: str | os.PathLike) -> Path:
     """Predicted and measured step speedup of every arm against all-layer LoRA."""
-    plt = _pyplot()
+    plt = pyplot()
     arms = result["arms"]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(arms) + 2), 3.8))
     x = np.arange(len(arms))
@@ -1215,7 +1215,7 @@ def plot_speedups(result: dict, path: str | os.PathLike) -> Path:
     ax.set_title(f"{result['model']['name']}: step speedup by arm")
     ax.legend(fontsize=8)
     try:
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 

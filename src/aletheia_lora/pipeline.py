@@ -53,18 +53,18 @@ def versions() -> dict[str, str]:
     }
 
 
+def _describe(scores, model, config: RunConfig) -> dict:
+    # The cost model is costed at the shape the run trains with.
+    shape = {"seq_len": config.data.max_length, "batch_size": config.train.batch_size}
+    return describe_selection(scores, model=model, **shape, **config.select.kwargs())
+
+
 def probe_and_select(model, train_rows, config: RunConfig, out_dir: Path | None, *, progress: bool = True) -> dict:
     """Probe the model, select layers, and (with ``out_dir``) write scores.json, selection.json, layer_scores.png."""
     start = time.perf_counter()
     scores = gradient_probe(model, train_rows, progress=progress, **config.probe.kwargs())
     probe_seconds = time.perf_counter() - start
-    selection = describe_selection(
-        scores,
-        model=model,
-        seq_len=config.data.max_length,
-        batch_size=config.train.batch_size,
-        **config.select.kwargs(),
-    )
+    selection = _describe(scores, model, config)
     selection["probe_seconds"] = probe_seconds
     if out_dir is not None:
         on_main_process(_write_probe_outputs, scores, selection, Path(out_dir))
@@ -237,13 +237,7 @@ def _select_from_file(scores_file, model, num_layers: int, config: RunConfig) ->
     scores = LayerScores.from_json(scores_file)
     if len(scores) != num_layers:
         raise ValueError(f"--scores {str(scores_file)!r} has {len(scores)} layers, the model {num_layers}")
-    selection = describe_selection(
-        scores,
-        model=model,
-        seq_len=config.data.max_length,
-        batch_size=config.train.batch_size,
-        **config.select.kwargs(),
-    )
+    selection = _describe(scores, model, config)
     selection["probe_seconds"] = 0.0
     return selection
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from aletheia_lora.files import atomic_path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -18,7 +19,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save ``fig`` as a PNG at ``path``, atomically."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
     return Path(path)
@@ -33,7 +35,7 @@ def plot_layer_scores(
     metric: str = "grad_norm",
 ) -> Path:
     """Bar chart of the probe score of every layer, selected layers highlighted."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = sorted(scores)
     chosen = set(selected)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(layers) + 2), 3.6))
@@ -46,14 +48,14 @@ def plot_layer_scores(
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("tab:orange", "tab:gray")]
     ax.legend(handles, [f"selected ({len(chosen)})", "not selected"], loc="upper right", fontsize=8)
     try:
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
 
 def plot_loss_curves(log_history: Sequence[Mapping], path: str | os.PathLike, *, title: str = "Training") -> Path:
     """Training loss (and eval loss, where logged) against the optimizer step."""
-    plt = _pyplot()
+    plt = pyplot()
     train = [(r["step"], r["loss"]) for r in log_history if "loss" in r and "step" in r]
     evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r and "step" in r]
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
@@ -67,6 +69,6 @@ def plot_loss_curves(log_history: Sequence[Mapping], path: str | os.PathLike, *,
     if train or evals:
         ax.legend()
     try:
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
