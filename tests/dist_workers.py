@@ -197,7 +197,7 @@ def _record_writes(folder: str) -> None:
         return wrapper
 
     files.write_text = recorded(files.write_text, lambda path, text: f"write {Path(path).name}")
-    plots._save = recorded(plots._save, lambda fig, path: f"write {Path(path).name}")
+    plots.save_figure = recorded(plots.save_figure, lambda fig, path: f"write {Path(path).name}")
     train._atomic_save_adapter = recorded(train._atomic_save_adapter, lambda model, to: f"write {Path(to).name}")
     real_probe_and_select = pipeline.probe_and_select
 
