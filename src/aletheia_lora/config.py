@@ -393,18 +393,9 @@ def apply_aletheia_lora(
     )
     _check_against_model(config, base, stack, layers)
     if rank_allocation == "scores":
-        from aletheia_lora.ranks import allocate_ranks, with_rank_allocation  # ranks imports this module
+        from aletheia_lora.ranks import allocate_for_config  # ranks imports this module
 
-        allocation = allocate_ranks(
-            model,
-            layer_scores,
-            layers,
-            r=r,
-            lora_alpha=lora_alpha,
-            by=rank_by,
-            target_modules=list(config.target_modules),
-        )
-        config = with_rank_allocation(config, allocation)
+        config, _ = allocate_for_config(model, config, layer_scores, by=rank_by)
     return config
 
 

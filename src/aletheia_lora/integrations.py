@@ -35,7 +35,7 @@ from aletheia_lora.config import apply_aletheia_lora
 from aletheia_lora.data import IGNORE_INDEX
 from aletheia_lora.layers import find_decoder_stack, unwrap_model
 from aletheia_lora.probe import LayerScores, gradient_probe
-from aletheia_lora.ranks import BY, RankAllocation, allocate_ranks, with_rank_allocation
+from aletheia_lora.ranks import BY, RankAllocation, allocate_for_config
 from aletheia_lora.select import describe_selection
 from aletheia_lora.train import (
     EMBEDDINGS,
@@ -316,16 +316,7 @@ def configure_aletheia_lora(
     config = apply_aletheia_lora(model, layers, r=r, lora_alpha=lora_alpha, **lora_kwargs)
     allocation = None
     if rank_allocation == "scores":
-        allocation = allocate_ranks(
-            model,
-            scores,
-            layers,
-            r=r,
-            lora_alpha=lora_alpha,
-            by=rank_by,
-            target_modules=list(config.target_modules),
-        )
-        config = with_rank_allocation(config, allocation)
+        config, allocation = allocate_for_config(model, config, scores, by=rank_by)
     report = AletheiaReport(scores, layers, selection, config, allocation)
     logger.info("aletheia: %s", report.summary().replace("\n", "; "))
     return report

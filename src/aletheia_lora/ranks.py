@@ -434,3 +434,23 @@ def with_rank_allocation(config: LoraConfig, allocation: RankAllocation) -> Lora
     new.rank_pattern = dict(allocation.rank_pattern)
     new.alpha_pattern = dict(allocation.alpha_pattern)
     return new
+
+
+def allocate_for_config(
+    model, config: LoraConfig, layer_scores, *, by: str = "layer"
+) -> tuple[LoraConfig, RankAllocation]:
+    """Score-proportional ranks for a uniform-rank ``config`` of ``model``: its r, alpha, layers and targets.
+
+    Returns:
+        The config with the allocation's rank and alpha patterns, and the allocation.
+    """
+    allocation = allocate_ranks(
+        model,
+        layer_scores,
+        list(config.layers_to_transform),
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        by=by,
+        target_modules=list(config.target_modules),
+    )
+    return with_rank_allocation(config, allocation), allocation
