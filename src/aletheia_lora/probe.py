@@ -45,6 +45,13 @@ METRICS = {
     "fisher": "sum of squared gradients over a block's weights (empirical Fisher diagonal trace)",
     "grad_weight": "sum of |gradient x weight| over a block's weights (first-order Taylor importance)",
 }
+# Probes running now (re-probing runs one inside a training loop): monitors of the training pass skip them.
+_running = 0
+
+
+def is_probing() -> bool:
+    """Whether a :func:`gradient_probe` is running: its forward and backward passes are not training passes."""
+    return _running > 0
 
 
 @dataclass
@@ -456,6 +463,8 @@ def gradient_probe(
     total = torch.zeros(stack.num_layers, dtype=torch.float64)
     tokens = 0
     error = None
+    global _running
+    _running += 1
     try:
         batch_sums = torch.zeros(stack.num_layers, dtype=torch.float32, device=device)
         if not sharded:
@@ -509,6 +518,7 @@ def gradient_probe(
     except Exception as exc:
         error = exc
     finally:
+        _running -= 1
         for handle in handles:
             handle.remove()
         for p, requires_grad, grad in zip(params, saved_requires_grad, saved_grads):
