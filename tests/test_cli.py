@@ -24,6 +24,16 @@ def tiny_args(checkpoint, corpus, out, *extra):
     ]  # fmt: skip
 
 
+def reloaded_eval_loss(checkpoint, corpus, adapter_dir):
+    """The adapter loaded with plain PEFT onto the checkpoint, and its loss on the target's eval split."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint), adapter_dir)
+    eval_rows = build_datasets(
+        DataConfig(data=str(corpus / "target.txt"), general_data=None, max_length=16), tokenizer
+    )[1]
+    return model, evaluate_loss(model, eval_rows, batch_size=2, pad_token_id=tokenizer.pad_token_id or 0)["loss"]
+
+
 TRAIN = ["--max-steps", "4", "--batch-size", "2", "--save-steps", "2", "--logging-steps", "1", "--r", "4"]
 
 
@@ -45,12 +55,7 @@ def test_run_end_to_end_writes_everything_and_the_adapter_reproduces_the_model(
     printed = capsys.readouterr().out
     assert "target loss" in printed and "metrics.json" in printed
     # the adapter loads with plain PEFT and gives the evaluation the run reported
-    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_checkpoint), out / "adapter")
-    eval_rows = build_datasets(
-        DataConfig(data=str(tiny_corpus / "target.txt"), general_data=None, max_length=16), tokenizer
-    )[1]
-    loss = evaluate_loss(model, eval_rows, batch_size=2, pad_token_id=tokenizer.pad_token_id or 0)["loss"]
+    model, loss = reloaded_eval_loss(tiny_checkpoint, tiny_corpus, out / "adapter")
     assert loss == pytest.approx(report["eval_after"]["target"]["loss"], rel=1e-5)
     adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_" in n}
     assert adapted == set(selected)

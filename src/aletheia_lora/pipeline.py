@@ -10,15 +10,25 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from aletheia_lora.config import LoraSettings, apply_aletheia_lora
+from aletheia_lora.cost import CostModel
 from aletheia_lora.data import DataConfig, build_datasets, check_max_length
-from aletheia_lora.distributed import fail_together, fsdp1_units, is_main_process, launched_job, on_main_process
+from aletheia_lora.distributed import (
+    fail_together,
+    fsdp1_units,
+    is_distributed,
+    is_main_process,
+    launched_job,
+    on_main_process,
+)
 from aletheia_lora.files import prepare_output_dir, write_json
 from aletheia_lora.layers import find_decoder_stack
 from aletheia_lora.models import ModelConfig
 from aletheia_lora.plots import plot_layer_scores, plot_loss_curves
 from aletheia_lora.probe import LayerScores, ProbeConfig, gradient_probe
+from aletheia_lora.reprobe import ReprobeCallback
 from aletheia_lora.select import SelectConfig, describe_selection
 from aletheia_lora.train import EMBEDDINGS, TrainConfig, evaluate_loss, train_lora
 
@@ -192,7 +202,35 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
     selected = selection["selected_layers"]
     logger.info("adapting layers %s", selected)
 
-    lora_config = apply_aletheia_lora(model, selected, layer_scores=scores, **config.lora.kwargs())
+    callbacks = []
+    if config.train.reprobe_every:
+        if config.lora.rank_allocation == "scores":
+            raise ValueError(
+                "--reprobe-every does not combine with --rank-allocation scores: ranks are fixed when the adapters "
+                "are built, and re-probing moves training between blocks"
+            )
+        if is_distributed():
+            raise ValueError(
+                f"--reprobe-every runs in one process, not {dist.get_world_size()}: DDP and FSDP fix which "
+                "parameters train when they wrap the model"
+            )
+        # adapters on every block; the callback trains the selected ones and moves them at each re-probe
+        lora_config = apply_aletheia_lora(model, list(range(stack.num_layers)), **config.lora.kwargs())
+        shape = {"seq_len": config.data.max_length, "batch_size": config.train.batch_size}
+        reprobing = ReprobeCallback(
+            train_rows,
+            config.train.reprobe_every,
+            layers=selected,
+            select=config.select,
+            probe=config.probe,
+            cost=CostModel.from_model(model, **shape),
+            pad_token_id=pad_token_id,
+            history_path=out / "reprobe.json",
+            progress=progress,
+        )
+        callbacks.append(reprobing)
+    else:
+        lora_config = apply_aletheia_lora(model, selected, layer_scores=scores, **config.lora.kwargs())
     result = train_lora(
         model,
         lora_config,
@@ -202,7 +240,16 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
         output_dir=out,
         pad_token_id=pad_token_id,
         resume=resume,
+        callbacks=callbacks,
     )
+    if callbacks:
+        report["reprobe"] = reprobing.summary()
+        logger.info(
+            "re-probed %d times in %.1f s; layers trained at some point: %s",
+            report["reprobe"]["probes"],
+            report["reprobe"]["seconds"],
+            report["reprobe"]["layers_ever_trained"],
+        )
     steps = result.step_times[1:] or result.step_times  # the first step pays one-off warm-up costs
     median_step = statistics.median(steps) if steps else float("nan")
     # every rank trains on its own batches: a step covers this many tokens over all of them
@@ -259,6 +306,12 @@ def summary_table(report: dict) -> str:
         lines.append(f"score captured  {sel['score_share']:.1%} of the total probe score")
     if "predicted_speedup" in sel:
         lines.append(f"predicted       {sel['predicted_speedup']:.2f}x faster per step than LoRA on all layers")
+    if "reprobe" in report:
+        reprobe = report["reprobe"]
+        lines.append(
+            f"re-probed       every {reprobe['every']} steps, {reprobe['probes']} times in "
+            f"{reprobe['seconds']:.0f} s; last selection {reprobe['history'][-1]['layers']}"
+        )
     train = report["train"]
     lines.append(
         f"training        {train['steps']} steps in {train['seconds']:.0f} s "

@@ -34,6 +34,7 @@ from aletheia_lora.distributed import (
 )
 from aletheia_lora.files import atomic_dir, last_complete_checkpoint
 from aletheia_lora.layers import DecoderStack, find_decoder_stack, unwrap_model
+from aletheia_lora.probe import is_probing
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,14 @@ class TrainConfig:
     )
     bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 mixed precision (GPU)."})
     seed: int = field(default=0, metadata={"help": "Seed of data order and adapter initialisation."})
+    reprobe_every: int = field(
+        default=0,
+        metadata={
+            "help": "Re-run the probe every this many steps and move the trainable adapters to its selection "
+            "(0: select once). LoRA then goes on every block: blocks never selected stay switched off, blocks "
+            "selected earlier keep what they learned, frozen. One process only."
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     dist_timeout: int = field(
         default=1800,
@@ -83,7 +92,7 @@ class TrainConfig:
             "save_total_limit",
             "dist_timeout",
         )
-        non_negative = ("warmup_steps", "eval_steps", "save_steps", "seed")
+        non_negative = ("warmup_steps", "eval_steps", "save_steps", "seed", "reprobe_every")
         for f in fields(self):
             value = getattr(self, f.name)
             flag = "--" + f.name.replace("_", "-")
@@ -181,7 +190,8 @@ class BackwardDepthMonitor:
     """Records the lowest decoder block the backward pass actually reached (``EMBEDDINGS`` = below block 0).
 
     A tensor hook on each block's output fires only when autograd computes the gradient there, so this
-    measures what happened, not what the configuration suggests.
+    measures what happened, not what the configuration suggests. Passes of a gradient probe run meanwhile
+    (re-probing) are not training passes and are left out.
     """
 
     def __init__(self, model: nn.Module, stack: DecoderStack | None = None) -> None:
@@ -194,12 +204,12 @@ class BackwardDepthMonitor:
 
     def _on_output(self, index: int, module: nn.Module, args, output) -> None:
         hidden = output[0] if isinstance(output, (tuple, list)) else output
-        if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+        if not is_probing() and torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
             hidden.register_hook(lambda grad: self._record(index) or grad)
 
     def _on_first_input(self, module: nn.Module, args, kwargs) -> None:
         hidden = args[0] if args else kwargs.get("hidden_states")
-        if torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+        if not is_probing() and torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
             hidden.register_hook(lambda grad: self._record(EMBEDDINGS) or grad)
 
     def __enter__(self) -> BackwardDepthMonitor:
@@ -328,7 +338,8 @@ def train_lora(
         output_dir: Where checkpoints (``checkpoints/``) and the final adapter (``adapter/``) go.
         pad_token_id: Padding id for batches; padding never enters the loss.
         resume: Continue from the last checkpoint in ``output_dir/checkpoints``.
-        callbacks: Extra ``TrainerCallback`` objects.
+        callbacks: Extra ``TrainerCallback`` objects. With ``config.reprobe_every`` one of them must be the
+            :class:`~aletheia_lora.reprobe.ReprobeCallback` that moves the adapters (``run_pipeline`` adds it).
         on_log: Called with each log record (loss, learning rate, eval loss).
 
     Returns:
@@ -336,9 +347,16 @@ def train_lora(
     """
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+    from aletheia_lora.reprobe import ReprobeCallback
+
     config = config or TrainConfig()
     if len(train_dataset) == 0:
         raise ValueError("train_dataset is empty")
+    reprobing = [c for c in callbacks if isinstance(c, ReprobeCallback)]
+    if config.reprobe_every and not reprobing:
+        raise ValueError(
+            f"--reprobe-every {config.reprobe_every} needs a ReprobeCallback among the callbacks to move the adapters"
+        )
     output_dir = Path(output_dir)
     checkpoints = output_dir / "checkpoints"
     resume_from = None
@@ -351,7 +369,6 @@ def train_lora(
 
     torch.manual_seed(config.seed)
     peft_model = prepare_lora_model(model, lora_config, gradient_checkpointing=config.gradient_checkpointing)
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     step_times: list[float] = []
 
     class _Recorder(TrainerCallback):
@@ -427,6 +444,8 @@ def train_lora(
         )
         raise
     seconds = time.perf_counter() - start
+    # counted after training: a re-probing run trains a subset of its adapters at a time
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     adapter_dir = output_dir / "adapter"
     if getattr(trainer, "is_fsdp_enabled", False):
         # The weights are sharded: every rank takes part in gathering the adapter (with FSDP's
