@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,10 @@ def test_committed_configs_load_and_smollm2_is_the_default():
     assert BenchConfig.from_file(REPO / "bench" / "configs" / "smollm2.yaml") == BenchConfig()
     tiny = BenchConfig.from_file(REPO / "bench" / "configs" / "tiny.yaml")
     assert tiny.model == "tiny" and tiny.arms == list(ARM_KINDS)
+    # the second SmolLM2 experiment changes only its arms (and name) against the first
+    beyond = BenchConfig.from_file(REPO / "bench" / "configs" / "smollm2_beyond.yaml")
+    assert beyond.arms == ["all", "score", "ranks", "reprobe"]
+    assert replace(beyond, name="smollm2", arms=BenchConfig().arms) == BenchConfig()
 
 
 @pytest.mark.parametrize(
@@ -230,6 +235,8 @@ def test_committed_configs_load_and_smollm2_is_the_default():
         ({"tiny_hidden": 30}, ValueError, "--tiny-hidden must be a multiple of 4"),
         ({"threads": 0}, ValueError, "--threads must be >= 1"),
         ({"progress": "yes"}, TypeError, "--progress must be true or false"),
+        ({"arms": ["all", "ranks"]}, ValueError, r"--arms \['ranks'\] are compared with the 'score' arm: add it"),
+        ({"reprobe_every": 0}, ValueError, "--reprobe-every must be >= 1, got 0"),
     ],
 )
 def test_bad_settings_name_the_flag_and_value(change, error, message):
@@ -264,3 +271,58 @@ def test_frontier_points_divide_the_frontier_and_skip_arms_already_there():
     assert [p.lowest_layer for p in _pick_frontier(points, [], 3)] == [2, 5, 7]
     assert [p.lowest_layer for p in _pick_frontier(points, [(5, 6), (0, 1), (10, 11)], 3)] == [2, 4, 7]
     assert [p.lowest_layer for p in _pick_frontier(points[:3], [(0, 1), (2, 3)], 3)] == [1]
+
+
+@pytest.fixture(scope="module")
+def beyond_run(tmp_path_factory):
+    """Score-proportional ranks and re-probing against the score selection, on the tiny model."""
+    config = BenchConfig(**{**TINY, "name": "b", "arms": ["all", "score", "ranks", "reprobe"], "reprobe_every": 2})
+    config.progress = False
+    out = tmp_path_factory.mktemp("beyond")
+    return {"out": out, "result": run_bench(config, out)}
+
+
+def test_ranks_arm_keeps_the_score_blocks_within_the_uniform_parameter_budget(beyond_run):
+    arms = _arms(beyond_run["result"])
+    ranks, score = arms["ranks"], arms["score"]
+    assert ranks["layers"] == score["layers"]
+    info = ranks["beyond"]
+    assert info["uniform_parameters"] == score["memory"]["trainable_parameters"]
+    assert ranks["memory"]["trainable_parameters"] == info["lora_parameters"] <= info["uniform_parameters"]
+    assert sorted(int(layer) for layer in info["ranks"]) == score["layers"]
+    assert all(rank >= 2 and rank % 2 == 0 for rank in info["ranks"].values())
+
+
+def test_reprobe_arm_moves_on_schedule_and_its_clock_pays_for_the_probes(beyond_run):
+    result = beyond_run["result"]
+    arm, score = _arms(result)["reprobe"], _arms(result)["score"]
+    info = arm["beyond"]
+    assert info["history"][0] == {"step": 0, "layers": score["layers"]}
+    steps = [h["step"] for h in info["history"][1:]]
+    assert steps == list(range(2, len(arm["step_seconds"]) + 1, 2)) and info["probes"] == len(steps)
+    for before, entry in zip(info["history"], info["history"][1:]):
+        assert len(entry["layers"]) == LAYERS // 2 and sorted(entry["scores"], key=int) == [str(i) for i in range(6)]
+        assert entry["moved_in"] == sorted(set(entry["layers"]) - set(before["layers"]))
+        assert entry["moved_out"] == sorted(set(before["layers"]) - set(entry["layers"]))
+    assert info["final_layers"] == info["history"][-1]["layers"]
+    assert set(info["layers_ever_trained"]) == {i for h in info["history"] for i in h["layers"]}
+    # the clock at the end is its step times plus every probe before its last step
+    warm, n = result["config"]["warmup_steps"], len(arm["step_seconds"])
+    charge = arm["median_step_seconds"]
+    expected = sum(arm["step_seconds"][warm:n]) + charge * warm + sum(h["seconds"] for h in info["history"][1:-1])
+    last = info["history"][-1]
+    expected += last["seconds"] if last["step"] < n else 0.0
+    assert arm["time_to_quality"]["trained_seconds"] == pytest.approx(expected)
+    assert 0 < info["share_of_clock"] < 1
+    # only the selected blocks train: the backward pass of the first step stopped at the first selection
+    assert arm["lowest_layer_reached"] == min(score["layers"])
+    assert arm["memory"]["trainable_parameters"] == score["memory"]["trainable_parameters"]
+
+
+def test_beyond_section_compares_both_arms_with_score(beyond_run):
+    text = (beyond_run["out"] / "train_b.md").read_text()
+    section = text.split("## Beyond one-shot selection with uniform rank")[1].split("## Reading")[0]
+    assert [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")][1:] == [
+        "score", "ranks", "reprobe"
+    ]  # fmt: skip
+    assert "- `ranks`:" in section and "- `reprobe`:" in section and "re-probes took" in section

@@ -7,7 +7,12 @@ Every arm is its own copy of the base model with LoRA on one set of blocks:
 * ``truncation``: the truncation-aware rule with its default target speedup;
 * ``contiguous``: the top block of layers;
 * ``frontier``: a few more points of :func:`~aletheia_lora.select.selection_frontier`, the lowest adapted block
-  moved from low to high, to show where the best quality per unit of time lies.
+  moved from low to high, to show where the best quality per unit of time lies;
+* ``ranks``: the ``score`` blocks with ranks in proportion to their probe scores, at the parameter count of
+  uniform rank ``r`` on them (:func:`~aletheia_lora.ranks.allocate_ranks`): compare it with ``score``;
+* ``reprobe``: the ``score`` blocks first, the probe re-run every ``reprobe_every`` steps on the model being
+  trained and the trainable adapters moved to its selection (:mod:`aletheia_lora.reprobe`); its clock includes
+  the re-probes. Compare it with ``score``, selected once.
 
 The arms take their steps in turn (round-robin, the first arm of a round rotating) on the same batches in the same
 order, with the same seed, optimizer and learning-rate schedule, so drift on a shared machine hits every arm alike.
@@ -58,13 +63,23 @@ from aletheia_lora.data import pad_collate
 from aletheia_lora.files import write_json, write_text
 from aletheia_lora.layers import find_decoder_stack
 from aletheia_lora.plots import pyplot, save_figure
-from aletheia_lora.probe import gradient_probe
-from aletheia_lora.select import describe_selection, select_layers, selection_frontier, summarize_selection
+from aletheia_lora.probe import ProbeConfig, gradient_probe
+from aletheia_lora.ranks import allocate_for_config
+from aletheia_lora.reprobe import reselect, set_trainable_layers
+from aletheia_lora.select import (
+    SelectConfig,
+    describe_selection,
+    select_layers,
+    selection_frontier,
+    summarize_selection,
+)
 from aletheia_lora.train import EMBEDDINGS, BackwardDepthMonitor, evaluate_loss, prepare_lora_model
 
 logger = logging.getLogger(__name__)
 
-ARM_KINDS = ("all", "score", "truncation", "contiguous", "frontier")
+ARM_KINDS = ("all", "score", "truncation", "contiguous", "frontier", "ranks", "reprobe")
+# Arms built on the score selection, each compared with the `score` arm (one-shot selection, uniform rank).
+BEYOND_ARMS = ("ranks", "reprobe")
 BASELINE = "all"
 STRATEGY_ARMS = ("score", "truncation", "contiguous")
 # The arm the targets are assessed on: the library's truncation-aware rule.
@@ -135,8 +150,14 @@ class BenchConfig:
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha."})
     budget_pct: float = field(default=50, metadata={"help": "Share of blocks adapted by every selective arm, in %."})
     arms: list[str] = field(
-        default_factory=lambda: list(ARM_KINDS),
-        metadata={"help": "Arms, in order: all (required), score, truncation, contiguous, frontier."},
+        default_factory=lambda: list(ARM_KINDS[:5]),
+        metadata={
+            "help": "Arms, in order: all (required), score, truncation, contiguous, frontier, ranks (score blocks, "
+            "score-proportional ranks at uniform r's parameter count), reprobe (score blocks, re-probed)."
+        },
+    )
+    reprobe_every: int = field(
+        default=20, metadata={"help": "Arm reprobe: steps between probes of the model being trained."}
     )
     frontier_points: int = field(
         default=3, metadata={"help": "Frontier points trained besides the named arms (spread from low to high)."}
@@ -166,6 +187,7 @@ class BenchConfig:
             "eval_batch_size",
             "probe_batches",
             "probe_batch_size",
+            "reprobe_every",
         }
         optional_positive = {"threads", "max_train_chars", "max_eval_chars"}
         non_negative = {"lr_warmup_steps", "seed", "frontier_points"}
@@ -225,6 +247,9 @@ class BenchConfig:
             raise ValueError(f"--arms needs a selective arm besides {BASELINE!r}, got {list(self.arms)}")
         if "frontier" in self.arms and self.frontier_points == 0:
             raise ValueError("--arms includes 'frontier' but --frontier-points is 0")
+        beyond = [a for a in self.arms if a in BEYOND_ARMS]
+        if beyond and "score" not in self.arms:
+            raise ValueError(f"--arms {beyond} are compared with the 'score' arm: add it")
         self.arms = list(self.arms)
 
     @classmethod
@@ -446,6 +471,8 @@ class _Arm:
     memory: dict[str, Any] = field(default_factory=dict)
     lowest_reached: int | None = None
     charge: float | None = None  # seconds charged for each warm-up step: the arm's median timed step
+    extra: dict[int, float] = field(default_factory=dict)  # seconds spent after step k besides training (re-probes)
+    info: dict[str, Any] = field(default_factory=dict)  # what the arm adds to its blocks (ranks, re-probe history)
 
     @property
     def steps(self) -> int:
@@ -455,7 +482,7 @@ class _Arm:
         """Training seconds after ``step`` steps, warm-up steps charged at the arm's median."""
         timed = sum(self.times[warmup:step])
         charge = self.charge if self.charge is not None else statistics.median(self.times[:warmup] or [0.0])
-        return timed + charge * min(step, warmup)
+        return timed + charge * min(step, warmup) + sum(s for k, s in self.extra.items() if k < step)
 
 
 def _pick_frontier(points: list, taken: list[tuple[int, ...]], n: int) -> list:
@@ -498,25 +525,67 @@ class _Runner:
     def loss(self, model: nn.Module, rows: list) -> float:
         return evaluate_loss(model, rows, batch_size=self.config.eval_batch_size, pad_token_id=self.pad)["loss"]
 
-    def add_arm(self, base: nn.Module, name: str, kind: str, layers: list[int]) -> _Arm:
+    def add_arm(self, base: nn.Module, name: str, kind: str, layers: list[int], scores=None) -> _Arm:
         config = self.config
         _release_free_memory()
         start = self.memory.current()
-        lora = apply_aletheia_lora(base, layers, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=0.0)
+        lora_kwargs = {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": 0.0}
+        info: dict[str, Any] = {}
+        if kind == "reprobe":  # adapters on every block; set_trainable_layers picks those that train
+            lora = apply_aletheia_lora(base, list(range(find_decoder_stack(base).num_layers)), **lora_kwargs)
+        else:
+            lora = apply_aletheia_lora(base, layers, **lora_kwargs)
+        if kind == "ranks":
+            lora, allocation = allocate_for_config(base, lora, scores)
+            info = {
+                "ranks": {str(layer): max(kinds.values()) for layer, kinds in sorted(allocation.ranks.items())},
+                "lora_parameters": allocation.total_params,
+                "uniform_parameters": allocation.uniform_params,
+            }
         torch.manual_seed(config.seed)  # the same adapter initialisation rule in every arm
         model = prepare_lora_model(copy.deepcopy(base), lora)
         model.train()
+        # reprobe: the optimizer holds every adapter (AdamW skips those without a gradient: the frozen ones)
         params = [p for p in model.parameters() if p.requires_grad]
+        if kind == "reprobe":
+            set_trainable_layers(model, layers)
+            info = {"every": config.reprobe_every, "history": [{"step": 0, "layers": list(layers)}]}
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         end = self.memory.current()
-        arm = _Arm(name, kind, list(layers), model, optimizer, params)
+        arm = _Arm(name, kind, list(layers), model, optimizer, params, info=info)
         arm.memory = {
             "kind": self.memory.kind,
             "build_mb": None if start is None or end is None else (end - start) / MB,
-            "trainable_parameters": sum(p.numel() for p in params),
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         }
         self.arms.append(arm)
         return arm
+
+    def reprobe(self, arm: _Arm) -> None:
+        """Probe the arm's model as trained so far, on other rows, and move its trainable adapters."""
+        config = self.config
+        scores, layers, seconds = reselect(
+            arm.model,
+            self.batches.rows,
+            select=SelectConfig(top_pct=config.budget_pct, strategy="score"),
+            probe=ProbeConfig(probe_batches=config.probe_batches, probe_batch_size=config.probe_batch_size),
+            seed=config.seed + arm.steps,
+            pad_token_id=self.pad,
+        )
+        start = time.perf_counter()
+        before = arm.info["history"][-1]["layers"]
+        set_trainable_layers(arm.model, layers)
+        arm.extra[arm.steps] = seconds + time.perf_counter() - start
+        arm.info["history"].append(
+            {
+                "step": arm.steps,
+                "layers": layers,
+                "moved_in": sorted(set(layers) - set(before)),
+                "moved_out": sorted(set(before) - set(layers)),
+                "seconds": arm.extra[arm.steps],
+                "scores": {str(k): v for k, v in sorted(scores.items())},
+            }
+        )
 
     def step(self, arm: _Arm, phase: str) -> None:
         """One optimizer step of ``arm`` on the batch of its step index; evaluates on the cadence."""
@@ -555,6 +624,8 @@ class _Runner:
         self.bar.set_postfix(phase=phase, arm=arm.name)
         if arm.steps % config.eval_every == 0:
             self.evaluate(arm, phase)
+        if arm.kind == "reprobe" and arm.steps % config.reprobe_every == 0:
+            self.reprobe(arm)
 
     def evaluate(self, arm: _Arm, phase: str) -> float:
         """Held-out target loss of ``arm`` now (once per step count), added to its curve."""
@@ -625,6 +696,8 @@ def _arm_specs(config: BenchConfig, scores, cost: CostModel, num_layers: int) ->
     for kind in config.arms:
         if kind == BASELINE:
             specs.append((kind, kind, list(range(num_layers))))
+        elif kind in BEYOND_ARMS:
+            specs.append((kind, kind, select_layers(scores, config.budget_pct, strategy="score", cost=cost)))
         elif kind != "frontier":
             specs.append((kind, kind, select_layers(scores, config.budget_pct, strategy=kind, cost=cost)))
     frontier = selection_frontier(scores, config.budget_pct, cost=cost)
@@ -752,7 +825,7 @@ def run_bench(
         for kind in STRATEGY_ARMS
     }
     for name, kind, layers in specs:
-        runner.add_arm(base, name, kind, layers)
+        runner.add_arm(base, name, kind, layers, scores)
     del base
     _release_free_memory()
     all_seconds, goal, cap_seconds = _train_views(runner, base_target)
@@ -832,7 +905,23 @@ def _summarize(
         "curve": curve,
         "step_seconds": arm.times,
         "train_losses": arm.losses,
+        **({"beyond": _beyond_info(arm, warm)} if arm.kind in BEYOND_ARMS else {}),
     }
+
+
+def _beyond_info(arm: _Arm, warm: int) -> dict:
+    """What a ``ranks`` or ``reprobe`` arm did besides training its blocks with uniform rank."""
+    info = dict(arm.info)
+    if arm.kind == "reprobe":
+        seconds = sum(arm.extra.values())
+        info.update(
+            probes=len(arm.extra),
+            seconds=seconds,
+            share_of_clock=seconds / arm.clock_at(arm.steps, warm),
+            layers_ever_trained=sorted({i for h in info["history"] for i in h["layers"]}),
+            final_layers=info["history"][-1]["layers"],
+        )
+    return info
 
 
 def _compare(result: dict) -> None:
@@ -1164,11 +1253,75 @@ def _time_to_quality(result: dict, h: str) -> list[str]:
     return lines
 
 
+def _ratio(value: float | None, reference: float | None) -> str:
+    return "-" if value is None or reference is None else f"{value / reference - 1:+.2%}"
+
+
+def _beyond(result: dict, h: str) -> list[str]:
+    """``ranks`` and ``reprobe`` against ``score``: the same blocks first, uniform rank, selected once."""
+    arms = {a["name"]: a for a in result["arms"]}
+    score = arms["score"]
+    cfg, n = result["config"], result["model"]["num_layers"]
+    lines = [
+        f"{h}# Beyond one-shot selection with uniform rank (each against `score`)",
+        "",
+        "`ranks`: the `score` blocks with ranks in proportion to their probe scores, at most the LoRA parameters of "
+        f"uniform r={cfg['r']} on them. `reprobe`: the `score` blocks first; every {cfg['reprobe_every']} steps the "
+        "probe runs again on the model being trained (other rows) and the trainable adapters move to its "
+        "selection; blocks that leave keep what they learned, frozen. Its clock includes the re-probes. Losses "
+        "are relative to `score`'s in the same view.",
+        "",
+        "| arm | trainable params | s/step | speedup vs all | equal-step loss (vs score) "
+        "| equal-time loss (vs score) | time to all-layer loss | forgetting |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    score_steps, score_time = score["views"]["equal_steps"]["target_loss"], score["views"]["equal_time"]["target_loss"]
+    for arm in [score] + [a for a in result["arms"] if a["kind"] in BEYOND_ARMS]:
+        steps, equal_time, ttq = arm["views"]["equal_steps"], arm["views"]["equal_time"], arm["time_to_quality"]
+        reached = "not reached" if ttq["ratio_to_all"] is None else f"{ttq['ratio_to_all']:.2f}x"
+        lines.append(
+            f"| {arm['name']} | {arm['memory']['trainable_parameters']:,} | {arm['median_step_seconds']:.3f} "
+            f"| {arm['measured_speedup']:.2f}x "
+            f"| {steps['target_loss']:.4f} ({_ratio(steps['target_loss'], score_steps)}) "
+            f"| {equal_time['target_loss']:.4f} ({_ratio(equal_time['target_loss'], score_time)}) "
+            f"| {reached} | {_num(steps['forgetting'], '+.4f')} |"
+        )
+    lines.append("")
+    for arm in result["arms"]:
+        info = arm.get("beyond")
+        if not info:
+            continue
+        if arm["kind"] == "ranks":
+            ranks = info["ranks"]
+            lines.append(
+                f"- `ranks`: {info['lora_parameters']:,} LoRA parameters against {info['uniform_parameters']:,} for "
+                f"uniform r={cfg['r']}; ranks by block: "
+                + ", ".join(f"{layer}: {rank}" for layer, rank in ranks.items())
+                + "."
+            )
+        else:
+            moves = [e for e in info["history"][1:] if e["moved_in"] or e["moved_out"]]
+            lines.append(
+                f"- `reprobe`: {info['probes']} re-probes took {info['seconds']:.1f} s, "
+                f"{info['share_of_clock']:.1%} of its training clock; the selection changed {len(moves)} time(s)"
+                + (
+                    ": " + "; ".join(f"step {e['step']}: +{e['moved_in']} -{e['moved_out']}" for e in moves)
+                    if moves
+                    else ""
+                )
+                + f". Blocks trained at some point: {_layers_text(info['layers_ever_trained'], n)}; "
+                f"last selection: {_layers_text(info['final_layers'], n)}."
+            )
+    return lines
+
+
 def render_markdown(result: dict, *, level: int = 1) -> str:
     """The tables and the reading of a benchmark result, as Markdown (top heading at ``level``)."""
     h = "#" * level
     out = _header(result, h) + [""] + _equal_steps(result, h) + [""] + _equal_time(result, h)
     out += [""] + _time_to_quality(result, h)
+    if any(a["kind"] in BEYOND_ARMS for a in result["arms"]):
+        out += [""] + _beyond(result, h)
     if result["targets"]:
         out += ["", f"{h}# Targets (arm `{TARGET_ARM}`)", "", "| target | value | met |", "|---|---|---|"]
         out += [f"| {t['target']} | {t['value']} | {'met' if t['met'] else 'MISSED'} |" for t in result["targets"]]
