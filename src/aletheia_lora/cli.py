@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import json
 import logging
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -232,8 +233,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.render_only:
         written = render_outputs(args.out, config.name, docs=args.docs)
     else:
-        command = "aletheia-lora bench" + (f" --config {args.config}" if args.config else "") + f" --out {args.out}"
-        command += f" --docs {args.docs}" if args.docs else ""
+        # the whole command line, so the results say exactly what made them
+        command = shlex.join(["aletheia-lora", *args.argv])
         result = run_bench(config, args.out, command=command, docs=args.docs)
         print(headline_table(result))
         written = sorted(Path(args.out).glob(f"train_{config.name}*")) + ([Path(args.docs)] if args.docs else [])
@@ -374,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         args = _parse(argv)
+        args.argv = list(argv)
         commands = {
             "probe": _cmd_probe,
             "select": _cmd_select,
