@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -43,6 +44,7 @@ from aletheia_lora.cost import CostModel
 from aletheia_lora.data import DataConfig, check_max_length, load_records, model_context_length, tokenize_records
 from aletheia_lora.files import prepare_output_dir, write_json
 from aletheia_lora.models import load_model_and_tokenizer, resolve_dtype
+from aletheia_lora.reprobe import ReprobeCallback, set_trainable_layers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import VOCAB, tiny_model, token_rows  # noqa: E402
@@ -200,6 +202,21 @@ def _no_pad_no_eos(ctx: Ctx) -> None:
     tokenizer.save_pretrained(folder)
     _, loaded = load_model_and_tokenizer(str(folder))
     assert loaded.pad_token is None
+
+
+def _move_to_bare_block(ctx: Ctx) -> None:
+    model = ctx.model()
+    set_trainable_layers(get_peft_model(model, apply_aletheia_lora(model, [1], r=2)), [0, 1])
+
+
+def _optimizer_without_adapters(ctx: Ctx) -> None:
+    model = ctx.model()
+    peft_model = get_peft_model(model, apply_aletheia_lora(model, [0, 1], r=2))
+    set_trainable_layers(peft_model, [1])
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad])
+    ReprobeCallback(token_rows(2), 2, layers=[1]).on_train_begin(
+        SimpleNamespace(world_size=1), SimpleNamespace(global_step=0), None, model=peft_model, optimizer=optimizer
+    )
 
 
 def _unsorted_layers(ctx: Ctx) -> None:
@@ -541,6 +558,14 @@ CASES: list[Case] = [
          Raises(PermissionError, "cannot write to output folder .*out': Permission denied")),
     Case("out-disk-full", "write_json", "the disk fills up while writing (ENOSPC, simulated)", _disk_full,
          Raises(OSError, r"No space left on device: '.*selection.json'")),
+    # re-probing
+    Case("reprobe-every-zero", "ReprobeCallback", "every=0", lambda c: ReprobeCallback(token_rows(2), 0),
+         Raises(ValueError, r"every \(--reprobe-every\) must be a positive integer, got 0")),
+    Case("reprobe-block-without-adapter", "set_trainable_layers", "a block whose modules hold no LoRA adapter",
+         _move_to_bare_block, Raises(ValueError, r"layers \[0\] hold no LoRA adapter")),
+    Case("reprobe-optimizer-missing-adapters", "ReprobeCallback", "a Trainer optimizer built after freezing "
+         "the other blocks' adapters", _optimizer_without_adapters,
+         Raises(ValueError, r"the optimizer does not hold the adapters of blocks \[0\]")),
     # the command line
     Case("cli-scores-missing", "aletheia-lora select", "--scores missing.json",
          lambda c: ["select", "--scores", "missing.json"], Exit2("cannot read scores file 'missing.json'")),
@@ -591,6 +616,12 @@ CASES: list[Case] = [
          lambda c: ["probe", "--probe-batches", "0"], Exit2("--probe-batches must be a positive integer, got 0")),
     Case("cli-max-steps-zero", "aletheia-lora run", "--max-steps 0", lambda c: ["run", "--max-steps", "0"],
          Exit2("--max-steps must be a positive integer, got 0")),
+    Case("cli-reprobe-every-negative", "aletheia-lora train", "--reprobe-every -1",
+         lambda c: ["train", "--reprobe-every", "-1"], Exit2("--reprobe-every must be >= 0, got -1")),
+    Case("cli-reprobe-with-score-ranks", "aletheia-lora run", "--reprobe-every 2 --rank-allocation scores",
+         lambda c: ["run", *c.cli_model_args(), "--general-data", "none", "--max-length", "16", "--probe-batches",
+                    "1", "--out", "r", "--reprobe-every", "2", "--rank-allocation", "scores"],
+         Exit2("--reprobe-every does not combine with --rank-allocation scores")),
     Case("cli-resume-without-checkpoint", "aletheia-lora train", "--resume with no checkpoint in --out",
          lambda c: ["train", *c.cli_model_args(), "--general-data", "none", "--max-length", "16", "--layers", "1",
                     "--out", "t", "--resume"],
