@@ -56,3 +56,19 @@ def text_rows(max_docs: int = 16, max_doc_chars: int = 1500):
 def token_rows(tokenizer, max_length: int = 64, **kwargs):
     """The same text tokenized and packed into rows of ``max_length`` tokens (``input_ids``, ``labels``)."""
     return tokenize_records(text_rows(**kwargs), tokenizer, max_length=max_length)
+
+
+def cpu_training_args(output_dir: str, steps: int, **overrides) -> dict:
+    """Keyword arguments of a few logged CPU steps, for ``TrainingArguments`` or TRL's ``SFTConfig``."""
+    return {
+        "output_dir": output_dir,
+        "max_steps": steps,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        **overrides,
+    }

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from example_utils import TINY, load, text_rows
+from example_utils import TINY, cpu_training_args, load, text_rows
 from trl import SFTConfig, SFTTrainer
 
 from aletheia_lora.integrations import AletheiaCallback, prepare_aletheia_model
@@ -39,18 +39,7 @@ def main(argv: list[str] | None = None) -> None:
 
     callback = AletheiaCallback(report)
     with tempfile.TemporaryDirectory() as scratch:
-        config = SFTConfig(
-            output_dir=scratch,
-            max_steps=args.steps,
-            per_device_train_batch_size=4,
-            learning_rate=1e-3,
-            max_length=128,
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-        )
+        config = SFTConfig(**cpu_training_args(scratch, args.steps, max_length=128))
         trainer = SFTTrainer(
             model=model,
             args=config,

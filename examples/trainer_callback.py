@@ -15,7 +15,7 @@ import argparse
 import tempfile
 from functools import partial
 
-from example_utils import TINY, load, token_rows
+from example_utils import TINY, cpu_training_args, load, token_rows
 from transformers import Trainer, TrainingArguments
 
 from aletheia_lora.data import pad_collate
@@ -42,16 +42,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         training_args = TrainingArguments(
-            output_dir=args.output_dir or scratch,
-            max_steps=args.steps,
-            per_device_train_batch_size=4,
-            learning_rate=1e-3,
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-            activation_checkpointing=True,  # adds an input-grad hook; the callback takes it off again
+            # activation checkpointing adds an input-grad hook; the callback takes it off again
+            **cpu_training_args(args.output_dir or scratch, args.steps, activation_checkpointing=True)
         )
         trainer = Trainer(
             model=model,

@@ -102,3 +102,15 @@ def test_quick_start_on_the_bundled_model():
     selected = layers_after("selected layers", text)
     assert len(selected) == 15
     assert f"the backward pass stopped at block {min(selected)}" in text
+
+
+def test_reprobe_trainer():
+    text = run_example("reprobe_trainer.py")
+    steps = [int(s) for s in re.findall(r"^step (\d+): training layers \[[\d, ]+\]", text, flags=re.M)]
+    assert steps == [0, 2, 4]  # the probe at the start, then every 2 steps before the last
+    first = ast.literal_eval(re.search(r"^step 0: training layers (\[[\d, ]+\])", text, flags=re.M).group(1))
+    assert len(first) == 4
+    assert re.search(r"re-probed 2 times in [\d.]+ s", text)
+    ever = layers_after("layers trained at some point", text)
+    assert set(first) <= set(ever)
+    assert re.search(r"trained 6 steps, final loss [\d.]+", text)
