@@ -1,6 +1,7 @@
 """Re-probing: moving the trainable adapters between blocks, the Trainer callback, and `run --reprobe-every`."""
 
 import json
+import logging
 import shutil
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ import aletheia_lora.reprobe as reprobe_module
 from aletheia_lora import apply_aletheia_lora, find_decoder_stack
 from aletheia_lora.cli import main
 from aletheia_lora.data import pad_collate
+from aletheia_lora.integrations import AletheiaCallback
 from aletheia_lora.reprobe import ReprobeCallback, reselect, set_trainable_layers, uncovered_layers
 from aletheia_lora.select import SelectConfig
 from aletheia_lora.train import BackwardDepthMonitor, TrainConfig, prepare_lora_model, train_lora
@@ -224,3 +226,19 @@ def test_run_refuses_reprobing_with_score_ranks(tiny_checkpoint, tiny_corpus, tm
     assert main(["run", *args, "--rank-allocation", "scores"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--reprobe-every does not combine with --rank-allocation scores" in err[0]
+
+
+def test_with_aletheia_callback_and_checkpointing_each_step_stops_at_the_current_lowest_block(
+    tmp_path, monkeypatch, caplog
+):
+    """Re-probing beside AletheiaCallback under activation checkpointing: hooks removed, depth follows the moves."""
+    model = tiny_model("llama", 4)
+    peft_model = get_peft_model(model, apply_aletheia_lora(model, list(range(4)), r=4, lora_alpha=8))
+    cycling_selection(monkeypatch, [[2, 3], [1, 3], [2, 3]])
+    watch = AletheiaCallback()
+    reprobe = ReprobeCallback(token_rows(8), 2, select=SelectConfig(top_k=2))
+    with caplog.at_level(logging.WARNING, logger="aletheia_lora"):
+        train(peft_model, token_rows(8), tmp_path, [reprobe, watch], steps=5, activation_checkpointing=True)
+    assert watch.removed_hooks >= 1
+    assert watch.backward_depths == [(1, 2), (2, 2), (3, 1), (4, 1), (5, 2)]
+    assert not [r for r in caplog.records if "below the lowest adapted block" in r.getMessage()]

@@ -389,7 +389,7 @@ class AletheiaCallback(TrainerCallback):
     require grad, so every backward pass runs down to block 0 whatever blocks are adapted. Non-reentrant
     checkpointing (the transformers default) does not need them; with ``use_reentrant=True`` they are kept and
     a warning says what that costs. During training it records, per step, the lowest block the backward pass
-    reached, and warns once if that is below the lowest adapted block.
+    reached, and warns once if that is below the lowest block trainable in that step (which re-probing moves).
 
     Args:
         report: The report of :func:`prepare_aletheia_model`; the callback fills in its
@@ -439,9 +439,11 @@ class AletheiaCallback(TrainerCallback):
             logger.info("aletheia: %s", self.report.summary().replace("\n", "; "))
         self._monitor = BackwardDepthMonitor(model).__enter__()
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self._monitor is not None:
             self._monitor.lowest = None
+            if model is not None:  # the trainable blocks may have moved (re-probing)
+                self.expected_lowest = _lowest_trainable_layer(model)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._monitor is None:
