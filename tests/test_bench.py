@@ -326,3 +326,4 @@ def test_beyond_section_compares_both_arms_with_score(beyond_run):
         "score", "ranks", "reprobe"
     ]  # fmt: skip
     assert "- `ranks`:" in section and "- `reprobe`:" in section and "re-probes took" in section
+    assert (beyond_run["out"] / "train_b_reprobe.png").stat().st_size > 0

@@ -192,6 +192,7 @@ def test_run_with_reprobe_every_reports_the_moves_and_the_adapter_reproduces_the
     assert [h["step"] for h in history] == [0, 2, 4]
     assert [h["layers"] for h in history] == [first, [2, 3], [1, 2]]
     assert report["reprobe"] == json.loads((out / "reprobe.json").read_text())
+    assert (out / "reprobe.png").stat().st_size > 0
     assert report["train"]["lowest_layer_reached"] == min(min(h["layers"]) for h in history)
     assert report["train"]["trainable_parameters"] > 0
     # the adapter covers every block; blocks never trained hold lora_B = 0, and plain PEFT reproduces the model

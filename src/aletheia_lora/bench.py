@@ -62,7 +62,7 @@ from aletheia_lora.cost import CostModel
 from aletheia_lora.data import pad_collate
 from aletheia_lora.files import write_json, write_text
 from aletheia_lora.layers import find_decoder_stack
-from aletheia_lora.plots import pyplot, save_figure
+from aletheia_lora.plots import plot_reprobe_history, pyplot, save_figure
 from aletheia_lora.probe import ProbeConfig, gradient_probe
 from aletheia_lora.ranks import allocate_for_config
 from aletheia_lora.reprobe import reselect, set_trainable_layers
@@ -1432,6 +1432,13 @@ def render_outputs(out_dir: str | os.PathLike, name: str, *, docs: str | os.Path
         plot_loss_vs_time(result, out / f"train_{name}_loss_vs_time.png"),
         plot_speedups(result, out / f"train_{name}_speedup.png"),
     ]
+    for arm in result["arms"]:
+        if arm["kind"] == "reprobe":
+            title = f"{result['model']['name']}: blocks trained by arm reprobe, every {arm['beyond']['every']} steps"
+            path = out / f"train_{name}_reprobe.png"
+            history = arm["beyond"]["history"]
+            num_layers, steps = result["model"]["num_layers"], len(arm["step_seconds"])
+            written.append(plot_reprobe_history(history, num_layers, path, title=title, end_step=steps))
     if docs is not None:
         docs = Path(docs)
         docs.parent.mkdir(parents=True, exist_ok=True)

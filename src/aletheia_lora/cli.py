@@ -218,6 +218,7 @@ def _cmd_train(args: argparse.Namespace, evaluate: bool = False) -> int:
     )
     if is_main_process():
         plots = "loss_curve.png" if args.layers else "layer_scores.png, loss_curve.png"
+        plots += ", reprobe.png" if "reprobe" in report else ""
         print()
         print(summary_table(report))
         print(f"\nreport: {Path(args.out) / 'metrics.json'} (plots: {plots})")

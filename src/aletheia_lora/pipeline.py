@@ -26,7 +26,7 @@ from aletheia_lora.distributed import (
 from aletheia_lora.files import prepare_output_dir, write_json
 from aletheia_lora.layers import find_decoder_stack
 from aletheia_lora.models import ModelConfig
-from aletheia_lora.plots import plot_layer_scores, plot_loss_curves
+from aletheia_lora.plots import plot_layer_scores, plot_loss_curves, plot_reprobe_history
 from aletheia_lora.probe import LayerScores, ProbeConfig, gradient_probe
 from aletheia_lora.reprobe import ReprobeCallback
 from aletheia_lora.select import SelectConfig, describe_selection
@@ -291,6 +291,10 @@ def _select_from_file(scores_file, model, num_layers: int, config: RunConfig) ->
 
 def _write_report(report: dict, out: Path, title: str) -> dict:
     plot_loss_curves(report["log_history"], out / "loss_curve.png", title=title)
+    if "reprobe" in report:
+        every = report["reprobe"]["every"]
+        title = f"Blocks trained, re-probed every {every} steps"
+        plot_reprobe_history(report["reprobe"]["history"], report["num_layers"], out / "reprobe.png", title=title)
     write_json(out / "metrics.json", report)
     return report
 

@@ -1,4 +1,4 @@
-"""Plots: per-layer probe scores with the selection marked, and loss curves. PNG files, no display needed."""
+"""Plots: per-layer probe scores with the selection marked, loss curves, re-probing. PNG files, no display needed."""
 
 from __future__ import annotations
 
@@ -68,6 +68,46 @@ def plot_loss_curves(log_history: Sequence[Mapping], path: str | os.PathLike, *,
     ax.set_title(title)
     if train or evals:
         ax.legend()
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_reprobe_history(
+    history: Sequence[Mapping],
+    num_layers: int,
+    path: str | os.PathLike,
+    *,
+    title: str = "Re-probing",
+    end_step: int | None = None,
+) -> Path:
+    """Which blocks trained from each probe on: one column per probe, selected blocks filled.
+
+    ``history`` holds the entries of :class:`~aletheia_lora.reprobe.ReprobeCallback` (``step``, ``layers``) in
+    order; a column spans the steps from its probe to the next one, the last one up to ``end_step`` (default:
+    one interval).
+    """
+    plt = pyplot()
+    steps = [int(h["step"]) for h in history]
+    fig, ax = plt.subplots(figsize=(6.4, max(3.0, 0.12 * num_layers + 1.2)))
+    for i, entry in enumerate(history):
+        if i + 1 < len(steps):
+            end = steps[i + 1]
+        else:
+            end = (
+                end_step
+                if end_step and end_step > steps[i]
+                else steps[i] + max(1, steps[i] - steps[i - 1] if i else 1)
+            )
+        for layer in entry["layers"]:
+            ax.add_patch(plt.Rectangle((steps[i], layer - 0.45), end - steps[i], 0.9, color="tab:orange", lw=0))
+    ax.set_xlim(steps[0], end)
+    ax.set_ylim(-0.5, num_layers - 0.5)
+    ax.set_xticks(steps)
+    ax.set_xlabel("training step (a probe at each tick)")
+    ax.set_ylabel("block")
+    ax.set_title(title)
     try:
         return save_figure(fig, path)
     finally:
