@@ -327,3 +327,14 @@ def test_beyond_section_compares_both_arms_with_score(beyond_run):
     ]  # fmt: skip
     assert "- `ranks`:" in section and "- `reprobe`:" in section and "re-probes took" in section
     assert (beyond_run["out"] / "train_b_reprobe.png").stat().st_size > 0
+
+
+def test_the_command_lists_only_the_files_of_its_own_run(tmp_path, capsys):
+    (tmp_path / "train_t_seed1.json").write_text("{}")  # another run whose name starts with this one's
+    config = tmp_path / "t.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "steps": 3, "eval_every": 3, "arms": ["all", "contiguous"]}))
+    assert main(["bench", "--config", str(config), "--out", str(tmp_path), "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line.removeprefix("wrote ") for line in lines if line.startswith("wrote ")]
+    names = ["train_t.json", "train_t.md", "train_t_loss_vs_time.png", "train_t_speedup.png"]
+    assert listed == [str(tmp_path / name) for name in names]

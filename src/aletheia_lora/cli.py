@@ -238,7 +238,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         command = shlex.join(["aletheia-lora", *args.argv])
         result = run_bench(config, args.out, command=command, docs=args.docs)
         print(headline_table(result))
-        written = sorted(Path(args.out).glob(f"train_{config.name}*")) + ([Path(args.docs)] if args.docs else [])
+        # this run's files only: a glob on the name would also list e.g. NAME_seed1's
+        suffixes = [".json", ".md", "_loss_vs_time.png", "_speedup.png"]
+        suffixes += ["_reprobe.png"] if any(arm["kind"] == "reprobe" for arm in result["arms"]) else []
+        written = [Path(args.out) / f"train_{config.name}{suffix}" for suffix in suffixes]
+        written += [Path(args.docs)] if args.docs else []
     for path in written:
         print(f"wrote {path}")
     return 0
