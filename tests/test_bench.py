@@ -338,3 +338,18 @@ def test_the_command_lists_only_the_files_of_its_own_run(tmp_path, capsys):
     listed = [line.removeprefix("wrote ") for line in lines if line.startswith("wrote ")]
     names = ["train_t.json", "train_t.md", "train_t_loss_vs_time.png", "train_t_speedup.png"]
     assert listed == [str(tmp_path / name) for name in names]
+
+
+def test_the_docs_page_links_the_other_runs_of_the_folder(tiny_run, tmp_path):
+    result = tiny_run["result"]
+    (tmp_path / "train_t.json").write_text(json.dumps(result))
+    other = {**result, "name": "u", "command": "aletheia-lora bench --seed 1"}
+    (tmp_path / "train_u.json").write_text(json.dumps(other))
+    docs = tmp_path / "docs" / "BENCHMARKS.md"
+    render_outputs(tmp_path, "t", docs=docs)
+    text = docs.read_text()
+    section = text.split("## Other training benchmarks in the same folder")[1].split("## Gradient probe")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| [")]
+    assert len(rows) == 1 and "[`u`](../train_u.md)" in rows[0] and "`aletheia-lora bench --seed 1`" in rows[0]
+    score = _arms(result)["score"]
+    assert f"score {score['measured_speedup']:.2f}x" in rows[0]

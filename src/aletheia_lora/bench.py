@@ -1373,8 +1373,29 @@ def plot_speedups(result: dict, path: str | os.PathLike) -> Path:
         plt.close(fig)
 
 
-def render_docs(result: dict, probe_markdown: str | None, *, results_link: str) -> str:
-    """The benchmark page: the training benchmark and, when present, the probe-vs-reference table."""
+def _other_runs(others: Sequence[dict], results_link: str) -> list[str]:
+    """A table linking the other training benchmarks of the results folder: their arms and headline figures."""
+    lines = [
+        "## Other training benchmarks in the same folder",
+        "",
+        "| run | model | arms: step speedup, equal-time loss vs all-layer LoRA | command |",
+        "|---|---|---|---|",
+    ]
+    for other in others:
+        arms = "; ".join(
+            f"{a['name']} {a['measured_speedup']:.2f}x, {a['views']['equal_time']['target_vs_all'] - 1:+.2%}"
+            for a in other["arms"]
+            if a["kind"] != BASELINE
+        )
+        lines.append(
+            f"| [`{other['name']}`]({results_link}/train_{other['name']}.md) | {other['model']['name']} "
+            f"| {arms} | `{other['command']}` |"
+        )
+    return lines + [""]
+
+
+def render_docs(result: dict, probe_markdown: str | None, *, results_link: str, others: Sequence[dict] = ()) -> str:
+    """The benchmark page: the training benchmark, links to ``others`` and the probe-vs-reference table."""
     name = result["name"]
     out = [
         "# Benchmarks",
@@ -1395,6 +1416,7 @@ def render_docs(result: dict, probe_markdown: str | None, *, results_link: str) 
         "",
         f"![speedup by arm]({results_link}/train_{name}_speedup.png)",
         "",
+        *(_other_runs(others, results_link) if others else []),
         "## Gradient probe benchmark (`bench/probe_vs_reference.py`)",
         "",
     ]
@@ -1444,6 +1466,14 @@ def render_outputs(out_dir: str | os.PathLike, name: str, *, docs: str | os.Path
         docs.parent.mkdir(parents=True, exist_ok=True)
         probe = out / "probe_vs_reference.md"
         link = Path(os.path.relpath(out.resolve(), docs.parent.resolve())).as_posix()
-        text = render_docs(result, probe.read_text() if probe.is_file() else None, results_link=link)
+        others = []
+        for path in sorted(out.glob("train_*.json")):
+            if path != source:
+                try:
+                    others.append(json.loads(path.read_text()))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{str(path)!r} is not valid JSON: {exc}") from None
+        probe_text = probe.read_text() if probe.is_file() else None
+        text = render_docs(result, probe_text, results_link=link, others=others)
         written.append(write_text(docs, text))
     return written
