@@ -20,8 +20,9 @@ from aletheia_lora.models import (
 
 
 @pytest.fixture
-def tiny_checkpoint(tmp_path, tiny_tokenizer):
-    """A tiny random Llama model and the tiny tokenizer (no pad token), saved as a local checkpoint folder."""
+def saved_tiny_llama(tmp_path, tiny_tokenizer):
+    """A 2-block random Llama saved with the tiny tokenizer (no pad token), and the model itself to compare loaded
+    weights with (conftest's `tiny_checkpoint` gives a folder only)."""
     tokenizer = tiny_tokenizer
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer),
@@ -67,8 +68,8 @@ def test_bad_dtype_message_shows_the_value():
         load_model_and_tokenizer(dtype="float64x")
 
 
-def test_local_folder_round_trip(tiny_checkpoint, caplog):
-    folder, original = tiny_checkpoint
+def test_local_folder_round_trip(saved_tiny_llama, caplog):
+    folder, original = saved_tiny_llama
     with caplog.at_level(logging.INFO, logger="aletheia_lora.models"):
         model, tokenizer = load_model_and_tokenizer(str(folder), device="cpu")
     assert isinstance(model, transformers.LlamaForCausalLM)
@@ -84,14 +85,14 @@ def test_local_folder_round_trip(tiny_checkpoint, caplog):
     assert model.generation_config.pad_token_id == tokenizer.eos_token_id
 
 
-def test_local_folder_in_bfloat16(tiny_checkpoint):
-    folder, _ = tiny_checkpoint
+def test_local_folder_in_bfloat16(saved_tiny_llama):
+    folder, _ = saved_tiny_llama
     model, _ = load_model_and_tokenizer(folder, dtype="bfloat16")
     assert model.dtype == torch.bfloat16
 
 
-def test_trust_remote_code_stays_off_unless_asked(tiny_checkpoint, monkeypatch):
-    folder, _ = tiny_checkpoint
+def test_trust_remote_code_stays_off_unless_asked(saved_tiny_llama, monkeypatch):
+    folder, _ = saved_tiny_llama
     seen = []
     real = transformers.AutoModelForCausalLM.from_pretrained
 
