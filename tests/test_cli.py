@@ -194,3 +194,43 @@ def test_config_exports_for_other_tools(tiny_checkpoint, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["selected_layers"] == [2]
     assert main(["config", "--layers", "2", "--format", "toml"]) == 2
     assert "invalid choice: 'toml'" in capsys.readouterr().err
+
+
+def test_probe_with_calibrate_predicts_from_steps_timed_here(tiny_checkpoint, tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["probe", *tiny_args(tiny_checkpoint, tiny_corpus, out, "--calibrate")]) == 0
+    selection = json.loads((out / "selection.json").read_text())
+    calibration = selection["calibration"]
+    assert [t["layers"] for t in calibration["timings"]] == [[0, 1, 2, 3], [2, 3], [1, 3]]
+    assert all(t["seconds"] > 0 for t in calibration["timings"])
+    assert selection["cost_model"].startswith("calibrated on this hardware from 3 timed placements")
+
+    def step(layers):
+        reached = 4 - min(layers)
+        return (
+            calibration["fixed_s"]
+            + calibration["per_backward_block_s"] * reached
+            + calibration["per_adapted_block_s"] * len(layers)
+        )
+
+    expected = step(range(4)) / step(selection["selected_layers"])
+    assert selection["predicted_speedup"] == pytest.approx(expected)
+    assert f"predicted       {expected:.2f}x" in capsys.readouterr().out
+
+
+def test_calibrate_refuses_several_processes(tiny_checkpoint, tiny_corpus, tmp_path, monkeypatch, capsys):
+    import aletheia_lora.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "is_distributed", lambda: True)
+    assert main(["probe", *tiny_args(tiny_checkpoint, tiny_corpus, tmp_path / "p", "--calibrate")]) == 2
+    assert "--calibrate times steps in one process" in capsys.readouterr().err
+
+
+def test_run_with_calibrate_selects_by_the_timed_costs(tiny_checkpoint, tiny_corpus, tmp_path):
+    out = tmp_path / "r"
+    args = tiny_args(tiny_checkpoint, tiny_corpus, out, *TRAIN, "--calibrate", "--strategy", "truncation")
+    assert main(["run", *args]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    selection = report["selection"]
+    assert len(selection["calibration"]["timings"]) == 3 and selection["cost_model"].startswith("calibrated")
+    assert report["train"]["lowest_layer_reached"] == min(selection["selected_layers"])

@@ -680,6 +680,15 @@ class Calibration:
     gradient_checkpointing: bool = False
     timings: tuple[tuple[tuple[int, ...], float], ...] = ()
 
+    @property
+    def description(self) -> str:
+        """What the predictions come from, for logs and reports."""
+        return (
+            f"calibrated on this hardware from {len(self.timings)} timed placements: {self.fixed_s:.3f} s + "
+            f"{self.per_backward_block_s:.4f} s per block the backward reaches + {self.per_adapted_block_s:.4f} s "
+            "per adapted block"
+        )
+
     def _features(self, layers: list[int]) -> tuple[int, int]:
         reached = self.num_layers if self.backward_to_embeddings else self.num_layers - layers[0]
         return reached, len(layers)

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from aletheia_lora.config import LoraSettings, apply_aletheia_lora
-from aletheia_lora.cost import CostModel
-from aletheia_lora.data import DataConfig, build_datasets, check_max_length
+from aletheia_lora.cost import Calibration, CostModel, calibrate
+from aletheia_lora.data import DataConfig, build_datasets, check_max_length, pad_collate
 from aletheia_lora.distributed import (
     fail_together,
     fsdp1_units,
@@ -63,22 +63,57 @@ def versions() -> dict[str, str]:
     }
 
 
-def _describe(scores, model, config: RunConfig) -> dict:
-    # The cost model is costed at the shape the run trains with.
+def selection_cost(model, train_rows, config: RunConfig, pad_token_id: int = 0) -> CostModel | Calibration:
+    """What predicts the speedups of a selection: the model's FLOP count at the shape the run trains with, or,
+    with ``--calibrate``, LoRA steps timed on this hardware at that shape (before any adapter exists)."""
     shape = {"seq_len": config.data.max_length, "batch_size": config.train.batch_size}
-    return describe_selection(scores, model=model, **shape, **config.select.kwargs())
+    if not config.probe.calibrate:
+        return CostModel.from_model(model, **shape)
+    if is_distributed():
+        raise ValueError(
+            "--calibrate times steps in one process: timings differ between ranks, and so could their selections"
+        )
+    if config.train.gradient_checkpointing:
+        logger.warning("--calibrate times steps without gradient checkpointing; the run trains with it")
+    rows = [train_rows[i] for i in range(min(len(train_rows), config.train.batch_size))]
+    batch = pad_collate(rows, pad_token_id)
+    logger.info("calibrating: timing LoRA steps of %d x %d tokens", *batch["input_ids"].shape)
+    lora = config.lora
+    start = time.perf_counter()
+    calibration = calibrate(model, batch, r=int(lora.r), target_modules=lora.target_modules)
+    logger.info("calibrated in %.1f s: %s", time.perf_counter() - start, calibration.description)
+    return calibration
 
 
-def probe_and_select(model, train_rows, config: RunConfig, out_dir: Path | None, *, progress: bool = True) -> dict:
-    """Probe the model, select layers, and (with ``out_dir``) write scores.json, selection.json, layer_scores.png."""
+def _describe(scores, model, config: RunConfig, cost) -> dict:
+    shape = {"seq_len": config.data.max_length, "batch_size": config.train.batch_size}
+    selection = describe_selection(scores, model=model, **shape, cost=cost, **config.select.kwargs())
+    if isinstance(cost, Calibration):
+        selection["calibration"] = {
+            "fixed_s": cost.fixed_s,
+            "per_backward_block_s": cost.per_backward_block_s,
+            "per_adapted_block_s": cost.per_adapted_block_s,
+            "timings": [{"layers": list(layers), "seconds": seconds} for layers, seconds in cost.timings],
+        }
+    return selection
+
+
+def probe_and_select(
+    model, train_rows, config: RunConfig, out_dir: Path | None, *, progress: bool = True, pad_token_id: int = 0
+) -> dict:
+    """Probe the model, select layers, and (with ``out_dir``) write scores.json, selection.json, layer_scores.png.
+
+    Returns ``{"scores", "selection", "cost"}``; ``cost`` is :func:`selection_cost`'s.
+    """
+    cost = selection_cost(model, train_rows, config, pad_token_id)
     start = time.perf_counter()
     scores = gradient_probe(model, train_rows, progress=progress, **config.probe.kwargs())
     probe_seconds = time.perf_counter() - start
-    selection = _describe(scores, model, config)
+    selection = _describe(scores, model, config, cost)
     selection["probe_seconds"] = probe_seconds
     if out_dir is not None:
         on_main_process(_write_probe_outputs, scores, selection, Path(out_dir))
-    return {"scores": scores, "selection": selection}
+    return {"scores": scores, "selection": selection, "cost": cost}
 
 
 def _write_probe_outputs(scores: LayerScores, selection: dict, out_dir: Path) -> None:
@@ -107,7 +142,8 @@ def run_probe(config: RunConfig, out_dir: str | Path, *, overwrite: bool = False
         check_max_length(config.data.max_length, model)
         data = replace(config.data, general_data=None)
         train_rows = fail_together(lambda: build_datasets(data, tokenizer)[0])
-        return probe_and_select(model, train_rows, config, out, progress=progress)
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return probe_and_select(model, train_rows, config, out, progress=progress, pad_token_id=pad_token_id)
 
 
 def _eval_all(model, eval_rows, general_rows, batch_size: int, pad_token_id: int) -> dict:
@@ -183,7 +219,7 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
         logger.info("evaluating the base model")
         report["eval_before"] = _eval_all(model, eval_rows, general_rows, config.train.batch_size, pad_token_id)
 
-    scores = None
+    scores, cost = None, None
     if layers is not None:
         if config.lora.rank_allocation == "scores":
             raise ValueError("--rank-allocation scores needs probe scores: drop --layers, or give --scores")
@@ -191,13 +227,14 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
         on_main_process(write_json, out / "selection.json", selection)
     elif scores_file is not None:
         # rank 0 reads the file and hands the selection to all: every rank trains the same layers
-        selection = on_main_process(_select_from_file, scores_file, model, stack.num_layers, config)
+        cost = selection_cost(model, train_rows, config, pad_token_id)
+        selection = on_main_process(_select_from_file, scores_file, model, stack.num_layers, config, cost)
         on_main_process(write_json, out / "selection.json", selection)
         if config.lora.rank_allocation == "scores":
             scores = LayerScores.from_json(scores_file)
     else:
-        probed = probe_and_select(model, train_rows, config, out, progress=progress)
-        scores, selection = probed["scores"], probed["selection"]
+        probed = probe_and_select(model, train_rows, config, out, progress=progress, pad_token_id=pad_token_id)
+        scores, selection, cost = probed["scores"], probed["selection"], probed["cost"]
     report["selection"] = selection
     selected = selection["selected_layers"]
     logger.info("adapting layers %s", selected)
@@ -216,14 +253,15 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
             )
         # adapters on every block; the callback trains the selected ones and moves them at each re-probe
         lora_config = apply_aletheia_lora(model, list(range(stack.num_layers)), **config.lora.kwargs())
-        shape = {"seq_len": config.data.max_length, "batch_size": config.train.batch_size}
+        if cost is None:  # --layers: no selection was costed yet
+            cost = selection_cost(model, train_rows, config, pad_token_id)
         reprobing = ReprobeCallback(
             train_rows,
             config.train.reprobe_every,
             layers=selected,
             select=config.select,
             probe=config.probe,
-            cost=CostModel.from_model(model, **shape),
+            cost=cost,
             pad_token_id=pad_token_id,
             history_path=out / "reprobe.json",
             progress=progress,
@@ -280,11 +318,11 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
     return on_main_process(_write_report, report, out, f"{stack.model_type}: LoRA on {len(selected)} layers")
 
 
-def _select_from_file(scores_file, model, num_layers: int, config: RunConfig) -> dict:
+def _select_from_file(scores_file, model, num_layers: int, config: RunConfig, cost) -> dict:
     scores = LayerScores.from_json(scores_file)
     if len(scores) != num_layers:
         raise ValueError(f"--scores {str(scores_file)!r} has {len(scores)} layers, the model {num_layers}")
-    selection = _describe(scores, model, config)
+    selection = _describe(scores, model, config, cost)
     selection["probe_seconds"] = 0.0
     return selection
 

@@ -67,6 +67,13 @@ class ProbeConfig:
         default="grad_norm", metadata={"help": "Probe score: " + "; ".join(f"{k}: {v}" for k, v in METRICS.items())}
     )
     probe_seed: int = field(default=42, metadata={"help": "Seed of the probe's batch sampling."})
+    calibrate: bool = field(
+        default=False,
+        metadata={
+            "help": "Predict speedups from a few LoRA steps timed on this hardware (3 placements x 4 steps at the "
+            "training batch) instead of the FLOP count, which misses what small rank-r products cost on a CPU"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("probe_batches", "probe_batch_size", "chunk_size"):
@@ -77,6 +84,8 @@ class ProbeConfig:
             raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if isinstance(self.probe_seed, bool) or not isinstance(self.probe_seed, numbers.Integral):
             raise ValueError(f"--probe-seed must be an integer, got {self.probe_seed!r}")
+        if not isinstance(self.calibrate, bool):
+            raise TypeError(f"--calibrate must be true or false, got {self.calibrate!r}")
 
     def kwargs(self) -> dict:
         """Keyword arguments for :func:`gradient_probe`."""

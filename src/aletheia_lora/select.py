@@ -359,13 +359,16 @@ def describe_selection(
     top_k: int | None = None,
     strategy: str = "score",
     target_speedup: float | None = None,
+    cost: CostModel | Calibration | None = None,
 ) -> dict:
     """Select layers and describe the choice: score captured, predicted speedup, and every strategy side by side.
 
-    With ``model`` the speedups come from its FLOP count at ``seq_len`` x ``batch_size``; without it, from the
-    model-free approximation (uniform blocks).
+    The speedups come from ``cost`` when given (e.g. a :class:`Calibration` timed on this hardware); else, with
+    ``model``, from its FLOP count at ``seq_len`` x ``batch_size``; without either, from the model-free
+    approximation (uniform blocks).
     """
-    cost = CostModel.from_model(model, seq_len=seq_len, batch_size=batch_size) if model is not None else None
+    if cost is None and model is not None:
+        cost = CostModel.from_model(model, seq_len=seq_len, batch_size=batch_size)
     budget = {"top_pct": top_pct, "top_k": top_k}
     layers = select_layers(scores, **budget, strategy=strategy, target_speedup=target_speedup, cost=cost)
     summary = summarize_selection(scores, layers, cost=cost)
