@@ -219,6 +219,14 @@ def _optimizer_without_adapters(ctx: Ctx) -> None:
     )
 
 
+def _cli_calibrate_distributed(ctx: Ctx) -> list[str]:
+    import aletheia_lora.pipeline as pipeline
+
+    ctx.monkeypatch.setattr(pipeline, "is_distributed", lambda: True)
+    args = ["--general-data", "none", "--max-length", "16", "--out", "p", "--calibrate"]
+    return ["probe", *ctx.cli_model_args(), *args]
+
+
 def _unsorted_layers(ctx: Ctx) -> None:
     assert aletheia_lora_config([3, 0, 2]).layers_to_transform == [0, 2, 3]
 
@@ -622,6 +630,11 @@ CASES: list[Case] = [
          lambda c: ["run", *c.cli_model_args(), "--general-data", "none", "--max-length", "16", "--probe-batches",
                     "1", "--out", "r", "--reprobe-every", "2", "--rank-allocation", "scores"],
          Exit2("--reprobe-every does not combine with --rank-allocation scores")),
+    Case("cli-calibrate-several-processes", "aletheia-lora probe", "--calibrate under torchrun (2 ranks, simulated)",
+         _cli_calibrate_distributed, Exit2("--calibrate times steps in one process")),
+    Case("cli-config-calibrate-string", "--config", 'calibrate: "yes" in a config file',
+         lambda c: _config_file(c, "c.json", '{"calibrate": "yes"}', "probe"),
+         Exit2("--calibrate must be true or false, got 'yes'")),
     Case("cli-resume-without-checkpoint", "aletheia-lora train", "--resume with no checkpoint in --out",
          lambda c: ["train", *c.cli_model_args(), "--general-data", "none", "--max-length", "16", "--layers", "1",
                     "--out", "t", "--resume"],
