@@ -340,10 +340,10 @@ def test_the_command_lists_only_the_files_of_its_own_run(tmp_path, capsys):
     assert listed == [str(tmp_path / name) for name in names]
 
 
-def test_the_docs_page_links_the_other_runs_of_the_folder(tiny_run, tmp_path):
+def test_the_docs_page_links_the_other_runs_of_the_folder(tiny_run, beyond_run, tmp_path):
     result = tiny_run["result"]
     (tmp_path / "train_t.json").write_text(json.dumps(result))
-    other = {**result, "name": "u", "command": "aletheia-lora bench --seed 1"}
+    other = {**beyond_run["result"], "name": "u", "command": "aletheia-lora bench --seed 1"}
     (tmp_path / "train_u.json").write_text(json.dumps(other))
     docs = tmp_path / "docs" / "BENCHMARKS.md"
     render_outputs(tmp_path, "t", docs=docs)
@@ -351,5 +351,11 @@ def test_the_docs_page_links_the_other_runs_of_the_folder(tiny_run, tmp_path):
     section = text.split("## Other training benchmarks in the same folder")[1].split("## Gradient probe")[0]
     rows = [line for line in section.splitlines() if line.startswith("| [")]
     assert len(rows) == 1 and "[`u`](../train_u.md)" in rows[0] and "`aletheia-lora bench --seed 1`" in rows[0]
-    score = _arms(result)["score"]
+    score = _arms(other)["score"]
     assert f"score {score['measured_speedup']:.2f}x" in rows[0]
+    # the ranks and reprobe arms against their run's score arm
+    table = text.split("### Ranks and re-probing against one-shot `score` selection")[1]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| `u`")]
+    assert [row[2] for row in rows] == ["ranks", "reprobe"]
+    reprobe = _arms(other)["reprobe"]
+    assert rows[1][6] == f"{reprobe['beyond']['share_of_clock']:.1%} |" and rows[0][6] == "- |"

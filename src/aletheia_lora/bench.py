@@ -1391,7 +1391,33 @@ def _other_runs(others: Sequence[dict], results_link: str) -> list[str]:
             f"| [`{other['name']}`]({results_link}/train_{other['name']}.md) | {other['model']['name']} "
             f"| {arms} | `{other['command']}` |"
         )
-    return lines + [""]
+    lines.append("")
+    beyond = [(o, a) for o in others for a in o["arms"] if a["kind"] in BEYOND_ARMS]
+    if beyond:
+        lines += [
+            "### Ranks and re-probing against one-shot `score` selection, run by run",
+            "",
+            "Relative to the `score` arm of the same run (same blocks at the start, uniform rank, selected once).",
+            "",
+            "| run | seed | arm | equal-step loss | equal-time loss | time to all-layer loss (arm / score) "
+            "| re-probe share of clock |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for other, arm in beyond:
+            score = next(a for a in other["arms"] if a["kind"] == "score")
+            ttq = arm["time_to_quality"]["ratio_to_all"], score["time_to_quality"]["ratio_to_all"]
+            share = arm["beyond"].get("share_of_clock")
+            steps, time_ = (
+                _ratio(arm["views"][view]["target_loss"], score["views"][view]["target_loss"])
+                for view in ("equal_steps", "equal_time")
+            )
+            lines.append(
+                f"| `{other['name']}` | {other['config']['seed']} | {arm['name']} | {steps} | {time_} "
+                f"| {_num(ttq[0], '.2f', 'not reached')} / {_num(ttq[1], '.2f', 'not reached')} "
+                f"| {_num(share, '.1%')} |"
+            )
+        lines.append("")
+    return lines
 
 
 def render_docs(result: dict, probe_markdown: str | None, *, results_link: str, others: Sequence[dict] = ()) -> str:
