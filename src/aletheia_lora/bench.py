@@ -65,7 +65,7 @@ from aletheia_lora.layers import find_decoder_stack
 from aletheia_lora.plots import plot_reprobe_history, pyplot, save_figure
 from aletheia_lora.probe import ProbeConfig, gradient_probe
 from aletheia_lora.ranks import allocate_for_config
-from aletheia_lora.reprobe import reselect, set_trainable_layers
+from aletheia_lora.reprobe import move_adapters, reselect, set_trainable_layers
 from aletheia_lora.select import (
     SelectConfig,
     describe_selection,
@@ -574,18 +574,9 @@ class _Runner:
         )
         start = time.perf_counter()
         before = arm.info["history"][-1]["layers"]
-        set_trainable_layers(arm.model, layers)
+        entry = move_adapters(arm.model, layers, before=before, scores=scores)
         arm.extra[arm.steps] = seconds + time.perf_counter() - start
-        arm.info["history"].append(
-            {
-                "step": arm.steps,
-                "layers": layers,
-                "moved_in": sorted(set(layers) - set(before)),
-                "moved_out": sorted(set(before) - set(layers)),
-                "seconds": arm.extra[arm.steps],
-                "scores": {str(k): v for k, v in sorted(scores.items())},
-            }
-        )
+        arm.info["history"].append({"step": arm.steps, **entry, "seconds": arm.extra[arm.steps]})
 
     def step(self, arm: _Arm, phase: str) -> None:
         """One optimizer step of ``arm`` on the batch of its step index; evaluates on the cadence."""
@@ -764,6 +755,7 @@ def run_bench(
     *,
     command: str | None = None,
     docs: str | os.PathLike | None = None,
+    render: bool = True,
 ) -> dict:
     """Run the benchmark and write ``train_NAME.json``, ``train_NAME.md`` and the plots into ``out_dir``.
 
@@ -772,6 +764,8 @@ def run_bench(
         out_dir: Output folder (created if needed; only this run's ``train_NAME.*`` files are written).
         command: The command line that ran this, recorded in the JSON and the tables.
         docs: Also write the benchmark page (e.g. ``docs/BENCHMARKS.md``) here.
+        render: Write the Markdown, plots and page (:func:`render_outputs`); False writes the JSON only, for a
+            caller that renders itself and wants the paths written.
 
     Returns:
         The result written to the JSON.
@@ -865,7 +859,8 @@ def run_bench(
     _compare(result)
     result["targets"] = assess_targets(result)
     write_json(out / f"train_{config.name}.json", result)
-    render_outputs(out, config.name, docs=docs)
+    if render:
+        render_outputs(out, config.name, docs=docs)
     return result
 
 

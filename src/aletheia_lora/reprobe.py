@@ -105,6 +105,32 @@ def set_trainable_layers(model: nn.Module, layers: Sequence[int]) -> dict[str, l
     return states
 
 
+def move_adapters(
+    model: nn.Module, layers: Sequence[int], *, before: Sequence[int] | None = None, scores=None
+) -> dict:
+    """:func:`set_trainable_layers`, described as one entry of a re-probing history.
+
+    Args:
+        model: As for :func:`set_trainable_layers`.
+        layers: The blocks that train from now on.
+        before: The blocks that trained until now (None at the start: nothing moved in or out).
+        scores: The probe scores the move follows, if any.
+
+    Returns:
+        ``layers``, ``moved_in``, ``moved_out``, ``frozen`` (blocks that keep what they learned) and ``scores``
+        (block as a string -> score, or None).
+    """
+    states = set_trainable_layers(model, layers)
+    moved = before is not None
+    return {
+        "layers": list(layers),
+        "moved_in": sorted(set(layers) - set(before)) if moved else [],
+        "moved_out": sorted(set(before) - set(layers)) if moved else [],
+        "frozen": states["frozen"],
+        "scores": None if scores is None else {str(k): float(v) for k, v in sorted(scores.items())},
+    }
+
+
 def reselect(
     model: nn.Module,
     dataset,
@@ -209,19 +235,9 @@ class ReprobeCallback(TrainerCallback):
             write_json(self.history_path, self.summary())
 
     def _move(self, model: nn.Module, step: int, layers: list[int], scores, seconds: float) -> None:
-        before = set(self.current_layers or [])
-        states = set_trainable_layers(model, layers)
-        self.history.append(
-            {
-                "step": step,
-                "layers": list(layers),
-                "moved_in": sorted(set(layers) - before) if step else [],
-                "moved_out": sorted(before - set(layers)) if step else [],
-                "frozen": states["frozen"],
-                "probe_seconds": seconds,
-                "scores": None if scores is None else {str(k): float(v) for k, v in sorted(scores.items())},
-            }
-        )
+        before = self.current_layers if step else None
+        entry = move_adapters(model, layers, before=before, scores=scores)
+        self.history.append({"step": step, **entry, "probe_seconds": seconds})
         self._write()
 
     def _resume_history(self, step: int) -> list[dict]:
