@@ -236,13 +236,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     else:
         # the whole command line, so the results say exactly what made them
         command = shlex.join(["aletheia-lora", *args.argv])
-        result = run_bench(config, args.out, command=command, docs=args.docs)
+        result = run_bench(config, args.out, command=command, render=False)
         print(headline_table(result))
-        # this run's files only: a glob on the name would also list e.g. NAME_seed1's
-        suffixes = [".json", ".md", "_loss_vs_time.png", "_speedup.png"]
-        suffixes += ["_reprobe.png"] if any(arm["kind"] == "reprobe" for arm in result["arms"]) else []
-        written = [Path(args.out) / f"train_{config.name}{suffix}" for suffix in suffixes]
-        written += [Path(args.docs)] if args.docs else []
+        # the paths render_outputs writes: this run's files only
+        rendered = render_outputs(args.out, config.name, docs=args.docs)
+        written = [Path(args.out) / f"train_{config.name}.json", *rendered]
     for path in written:
         print(f"wrote {path}")
     return 0
