@@ -366,19 +366,24 @@ def _reentrant(args) -> bool:
     return bool(isinstance(kwargs, Mapping) and kwargs.get("use_reentrant", False))
 
 
-def _lowest_trainable_layer(model: nn.Module) -> int | None:
-    """The lowest block the backward pass has to reach: that of the lowest trainable weight.
-
-    Trainable input embeddings (e.g. new tokens) need it to run all the way down; a trainable head or final
-    norm does not move it, since they sit above the blocks.
-    """
+def _layer_parameters(model: nn.Module) -> list[tuple[int, nn.Parameter]]:
+    """``(block, parameter)`` for every parameter of a block, and ``(EMBEDDINGS, parameter)`` for the input
+    embeddings; a head or final norm is left out, since it sits above the blocks."""
     stack = find_decoder_stack(model)
     base = unwrap_model(model)
     embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
-    if isinstance(embeddings, nn.Module) and any(p.requires_grad for p in embeddings.parameters()):
-        return EMBEDDINGS
-    layers = [stack.layer_of(name) for name, p in base.named_parameters() if p.requires_grad]
-    return min((layer for layer in layers if layer is not None), default=None)
+    pairs = [(EMBEDDINGS, p) for p in embeddings.parameters()] if isinstance(embeddings, nn.Module) else []
+    for name, p in base.named_parameters():
+        layer = stack.layer_of(name)
+        if layer is not None:
+            pairs.append((layer, p))
+    return pairs
+
+
+def _lowest_trainable_layer(layer_parameters: list[tuple[int, nn.Parameter]]) -> int | None:
+    """The lowest block the backward pass has to reach: that of the lowest trainable weight (``EMBEDDINGS`` when
+    the input embeddings train, e.g. new tokens: the backward then runs all the way down)."""
+    return min((layer for layer, p in layer_parameters if p.requires_grad), default=None)
 
 
 class AletheiaCallback(TrainerCallback):
@@ -409,6 +414,7 @@ class AletheiaCallback(TrainerCallback):
         self.backward_depths: list[tuple[int, int | None]] = []
         self.removed_hooks = 0
         self._monitor: BackwardDepthMonitor | None = None
+        self._layer_parameters: list[tuple[int, nn.Parameter]] = []
         self._warned = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -434,16 +440,17 @@ class AletheiaCallback(TrainerCallback):
                     "the model carries %d input-require-grads hook(s): the backward pass runs down to the embeddings",
                     hooks,
                 )
-        self.expected_lowest = _lowest_trainable_layer(model)
+        # mapped once: the requires_grad flags are read each step, as re-probing may move the trainable blocks
+        self._layer_parameters = _layer_parameters(model)
+        self.expected_lowest = _lowest_trainable_layer(self._layer_parameters)
         if self.report is not None and state.is_world_process_zero:
             logger.info("aletheia: %s", self.report.summary().replace("\n", "; "))
         self._monitor = BackwardDepthMonitor(model).__enter__()
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
+    def on_step_begin(self, args, state, control, **kwargs):
         if self._monitor is not None:
             self._monitor.lowest = None
-            if model is not None:  # the trainable blocks may have moved (re-probing)
-                self.expected_lowest = _lowest_trainable_layer(model)
+            self.expected_lowest = _lowest_trainable_layer(self._layer_parameters)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._monitor is None:

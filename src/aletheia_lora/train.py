@@ -352,8 +352,7 @@ def train_lora(
     config = config or TrainConfig()
     if len(train_dataset) == 0:
         raise ValueError("train_dataset is empty")
-    reprobing = [c for c in callbacks if isinstance(c, ReprobeCallback)]
-    if config.reprobe_every and not reprobing:
+    if config.reprobe_every and not any(isinstance(c, ReprobeCallback) for c in callbacks):
         raise ValueError(
             f"--reprobe-every {config.reprobe_every} needs a ReprobeCallback among the callbacks to move the adapters"
         )
