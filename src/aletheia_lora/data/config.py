@@ -1,0 +1,214 @@
+"""The data settings of the command line, the train/eval split of records, and the datasets a run trains on."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+
+from aletheia_lora.data.corpora import _check_cap, bundled_corpus, is_bundled_corpus
+from aletheia_lora.data.load import load_records
+from aletheia_lora.data.tokenize import tokenize_records
+
+logger = logging.getLogger(__name__)
+
+
+def train_eval_split(
+    ds: Dataset, eval_fraction: float = 0.1, seed: int = 0, *, eval_rows: int | None = None
+) -> tuple[Dataset, Dataset]:
+    """Split records into train and eval sets, deterministically.
+
+    Rows are assigned by a permutation drawn from ``numpy.random.default_rng(seed)``: the same dataset and seed
+    always give the same split. Both parts keep the original row order. Split documents before tokenizing, so
+    no document lands on both sides.
+
+    Args:
+        ds: The records.
+        eval_fraction: Share of rows for evaluation, strictly between 0 and 1 (at least one row is taken).
+        seed: Seed of the permutation.
+        eval_rows: Number of eval rows instead of a fraction (1 to ``len(ds) - 1``).
+
+    Returns:
+        ``(train, eval)``.
+
+    Raises:
+        ValueError: a fraction outside (0, 1), a bad ``eval_rows``, or fewer than 2 rows.
+    """
+    n = len(ds)
+    if n < 2:
+        raise ValueError(f"cannot split a dataset of {n} row(s) into train and eval; it needs at least 2 rows")
+    if eval_rows is not None:
+        if isinstance(eval_rows, bool) or not isinstance(eval_rows, int) or not 1 <= eval_rows <= n - 1:
+            raise ValueError(f"eval_rows must be an integer from 1 to {n - 1} for {n} rows, got {eval_rows!r}")
+        n_eval = eval_rows
+    else:
+        if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 < eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be strictly between 0 and 1, got {eval_fraction!r}")
+        n_eval = min(max(1, round(n * eval_fraction)), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    eval_idx = np.sort(order[:n_eval])
+    train_idx = np.sort(order[n_eval:])
+    return ds.select(train_idx.tolist()), ds.select(eval_idx.tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration for the command line
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class DataConfig:
+    """Where the training, evaluation and general (forgetting) data come from, and how they are tokenized."""
+
+    data: str = field(
+        default="python-stdlib",
+        metadata={
+            "help": "Target data: a bundled corpus (python-stdlib, kjv, python-docs) or a path to a .txt, .jsonl, "
+            ".json, .csv or .parquet file, a folder of .txt files or a Dataset.save_to_disk folder."
+        },
+    )
+    eval_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out target data (same kinds as --data); default: the bundled corpus's eval split, or "
+            "--eval-fraction of the records in --data."
+        },
+    )
+    general_data: str | None = field(
+        default="kjv",
+        metadata={"help": "General text unrelated to the target, to measure forgetting on; 'none' to skip."},
+    )
+    text_field: str = field(default="text", metadata={"help": "Column holding plain text in --data files."})
+    prompt_field: str | None = field(
+        default=None, metadata={"help": "Column holding prompts (with --response-field: loss on responses only)."}
+    )
+    response_field: str | None = field(default=None, metadata={"help": "Column holding responses."})
+    chat_template: bool = field(
+        default=False, metadata={"help": "Render prompt/response pairs with the tokenizer's chat template."}
+    )
+    max_length: int = field(default=128, metadata={"help": "Tokens per training block or row."})
+    pack: bool = field(
+        default=True, metadata={"help": "Pack text into full blocks of --max-length tokens (else one row a document)."}
+    )
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "Share of --data records held out for eval when no --eval-data is given."}
+    )
+    split_seed: int = field(default=0, metadata={"help": "Seed of the train/eval split of --data records."})
+    max_train_chars: int | None = field(
+        default=200_000, metadata={"help": "Characters of training text taken from a bundled corpus."}
+    )
+    max_eval_chars: int | None = field(
+        default=40_000, metadata={"help": "Characters of eval and of general text taken from a bundled corpus."}
+    )
+    max_doc_chars: int | None = field(
+        default=10_000, metadata={"help": "Cut each bundled document to this many characters (more, shorter files)."}
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, (str, os.PathLike)) or not str(self.data).strip():
+            raise ValueError(f"--data must name a bundled corpus or a path, got {self.data!r}")
+        self.data = str(self.data).strip()
+        for name in ("eval_data", "general_data"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"{_flag(name)} must name a bundled corpus or a path, got {value!r}")
+        if self.general_data is not None and str(self.general_data).strip().lower() in ("", "none", "off"):
+            self.general_data = None
+        if self.eval_data is not None and not str(self.eval_data).strip():
+            self.eval_data = None
+        for name in ("text_field", "prompt_field", "response_field"):
+            value = getattr(self, name)
+            if (value is not None or name == "text_field") and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{_flag(name)} must be a column name, got {value!r}")
+        for name in ("pack", "chat_template"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
+        if (self.prompt_field is None) != (self.response_field is None):
+            raise ValueError("--prompt-field and --response-field go together: pass both or neither")
+        if self.chat_template and self.prompt_field is None:
+            raise ValueError("--chat-template needs --prompt-field and --response-field")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"--max-length must be an integer >= 2, got {self.max_length!r}")
+        if isinstance(self.eval_fraction, bool) or not isinstance(self.eval_fraction, (int, float)):
+            raise ValueError(f"--eval-fraction must be a number strictly between 0 and 1, got {self.eval_fraction!r}")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"--eval-fraction must be strictly between 0 and 1, got {self.eval_fraction!r}")
+        if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int):
+            raise ValueError(f"--split-seed must be an integer, got {self.split_seed!r}")
+        for name in ("max_train_chars", "max_eval_chars", "max_doc_chars"):
+            try:
+                _check_cap(_flag(name), getattr(self, name))
+            except ValueError as exc:
+                raise ValueError(f"{exc} (no limit)") from None
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of the fields, in order (for building command-line options)."""
+        return [f.name for f in fields(cls)]
+
+
+def _source_records(source: str, split: str, cfg: DataConfig, max_chars: int | None, fields_: dict) -> Dataset:
+    if is_bundled_corpus(source):
+        return bundled_corpus(source, split, max_chars=max_chars, max_doc_chars=cfg.max_doc_chars)
+    return load_records(source, **fields_)
+
+
+def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[Dataset, Dataset, Dataset | None]:
+    """Build the tokenized train, eval and general-eval sets that the command line trains and evaluates on.
+
+    The target (``cfg.data``) is a bundled corpus, whose train and eval splits hold different documents, or a
+    path: then eval comes from ``cfg.eval_data`` or, without it, from a seeded split of the records (split
+    before tokenizing, so no document feeds both). The general set is bundled text (default ``"kjv"``) or a
+    path, always tokenized as plain text; it is ``None`` when ``cfg.general_data`` is ``None``.
+
+    Args:
+        cfg: The data configuration.
+        tokenizer: The model's tokenizer.
+
+    Returns:
+        ``(train, eval, general_eval)``, each with ``input_ids``, ``attention_mask`` and ``labels``.
+
+    Raises:
+        ValueError: from loading or tokenizing, naming the file, field or option at fault.
+    """
+    pair_fields = {"prompt_field": cfg.prompt_field, "response_field": cfg.response_field}
+    target_fields = pair_fields if cfg.prompt_field else {"text_field": cfg.text_field}
+    train_records = _source_records(cfg.data, "train", cfg, cfg.max_train_chars, target_fields)
+    if cfg.eval_data is not None:
+        eval_records = _source_records(cfg.eval_data, "eval", cfg, cfg.max_eval_chars, target_fields)
+    elif is_bundled_corpus(cfg.data):
+        eval_records = bundled_corpus(cfg.data, "eval", max_chars=cfg.max_eval_chars, max_doc_chars=cfg.max_doc_chars)
+    else:
+        train_records, eval_records = train_eval_split(train_records, cfg.eval_fraction, cfg.split_seed)
+
+    def tokenize(records: Dataset, **fields_: Any) -> Dataset:
+        return tokenize_records(
+            records, tokenizer, max_length=cfg.max_length, pack=cfg.pack, chat_template=cfg.chat_template, **fields_
+        )
+
+    train = tokenize(train_records, **target_fields)
+    evaluation = tokenize(eval_records, **target_fields)
+    general = None
+    if cfg.general_data is not None:
+        if cfg.general_data.strip().lower() == cfg.data.strip().lower():
+            logger.warning("the general corpus is the target corpus; forgetting will not be measured")
+        text_field = "text" if is_bundled_corpus(cfg.general_data) else cfg.text_field
+        general_records = _source_records(
+            cfg.general_data, "eval", cfg, cfg.max_eval_chars, {"text_field": text_field}
+        )
+        general = tokenize(general_records, text_field=text_field)
+    logger.info(
+        "data: %d train, %d eval and %s general rows of up to %d tokens",
+        len(train),
+        len(evaluation),
+        "no" if general is None else len(general),
+        cfg.max_length,
+    )
+    return train, evaluation, general

@@ -1,0 +1,130 @@
+"""Reading local files and folders into records (a ``datasets.Dataset``), offline.
+
+``.txt`` (a single file is split into documents at blank lines; a folder of ``.txt`` files gives one document per
+file), ``.jsonl``/``.json``, ``.csv``, ``.parquet``, or a folder written by ``Dataset.save_to_disk``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+_JSON_SUFFIXES = (".jsonl", ".json")
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception: ``datasets`` wraps parse errors in a generic "error while generating" one."""
+    seen = {id(exc)}
+    while True:
+        inner = exc.__cause__ or exc.__context__
+        if inner is None or id(inner) in seen or not str(inner).strip():
+            return exc
+        seen.add(id(inner))
+        exc = inner
+
+
+def _fail(path: Path, exc: BaseException, what: str) -> ValueError:
+    exc = _root_cause(exc)
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    if len(reason) > 200:
+        reason = reason[:197] + "..."
+    return ValueError(f"cannot read {path} as {what}: {reason}")
+
+
+def _read_path(path: Path) -> Dataset:
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            try:
+                loaded = load_from_disk(str(path))
+            except Exception as exc:  # noqa: BLE001 - any failure becomes one message naming the folder
+                raise _fail(path, exc, "a saved dataset") from exc
+            if isinstance(loaded, DatasetDict):
+                if "train" in loaded:
+                    return loaded["train"]
+                if len(loaded) == 1:
+                    return next(iter(loaded.values()))
+                raise ValueError(f"{path} holds the splits {', '.join(loaded)}; pass the folder of one split")
+            return loaded
+        files = sorted(str(p) for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise ValueError(f"{path} is a folder with neither a saved dataset nor any .txt file")
+        try:
+            return load_dataset("text", data_files=files, sample_by="document", split="train")
+        except Exception as exc:  # noqa: BLE001
+            raise _fail(path, exc, "a folder of .txt files") from exc
+    if not path.is_file():
+        raise ValueError(f"data file not found: {path}")
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(
+            f"unsupported data file {path}: use .txt, .jsonl, .json, .csv, .parquet, a folder of .txt files "
+            "or a folder written by Dataset.save_to_disk"
+        )
+    if path.stat().st_size == 0:
+        raise ValueError(f"data file {path} is empty")
+    # A single .txt file holds many documents separated by blank lines (one document per file: use a folder).
+    kwargs: dict[str, Any] = {"sample_by": "paragraph"} if fmt == "text" else {}
+    try:
+        return load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        if "corresponds to no data" in str(exc):  # e.g. a CSV file with a header and no row
+            raise ValueError(f"data file {path} holds no records") from exc
+        raise _fail(path, exc, fmt) from exc
+
+
+def _required_fields(text_field: str | None, prompt_field: str | None, response_field: str | None) -> list[str]:
+    if (prompt_field is None) != (response_field is None):
+        raise ValueError("prompt_field and response_field go together: pass both or neither")
+    if prompt_field is not None:
+        return [prompt_field, response_field]  # type: ignore[list-item]
+    return [text_field or "text"]
+
+
+def _check_fields(ds: Dataset, names: Sequence[str], where: str) -> None:
+    for name in names:
+        if name not in ds.column_names:
+            raise ValueError(f"field {name!r} not found in {where}; fields: {', '.join(ds.column_names) or '(none)'}")
+        feature = ds.features[name]
+        if getattr(feature, "dtype", None) not in ("string", "large_string"):
+            raise ValueError(f"field {name!r} in {where} must hold text, found {feature}")
+
+
+def load_records(
+    path: str | os.PathLike,
+    *,
+    text_field: str | None = None,
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+) -> Dataset:
+    """Load a local data file or folder as a ``datasets.Dataset``, offline.
+
+    Supported: a ``.txt`` file (split into documents at blank lines, column ``text``), a folder of ``.txt``
+    files (one document per file, found recursively in sorted order), ``.jsonl``/``.json``, ``.csv``,
+    ``.parquet``, and a folder written by ``Dataset.save_to_disk`` (of a ``DatasetDict``: its ``train`` split,
+    or its only split).
+
+    Args:
+        path: The file or folder.
+        text_field: Column holding plain text (default ``"text"``); checked unless prompt/response are given.
+        prompt_field: Column holding prompts; needs ``response_field``.
+        response_field: Column holding responses; needs ``prompt_field``.
+
+    Returns:
+        The dataset with all of its columns; the required ones are checked to exist and hold text.
+
+    Raises:
+        ValueError: the file is missing, unreadable or of an unknown type (the message names it), or a field is
+            missing (the message names the field, the file and the fields that exist).
+    """
+    path = Path(path).expanduser()
+    required = _required_fields(text_field, prompt_field, response_field)
+    ds = _read_path(path)
+    if len(ds) == 0:
+        raise ValueError(f"{path} holds no records")
+    _check_fields(ds, required, str(path))
+    return ds
