@@ -5,8 +5,9 @@ import torch
 import transformers as T
 from peft import get_peft_model
 
+from aletheia_lora.calibrate import calibrate, default_placements
 from aletheia_lora.config import apply_aletheia_lora
-from aletheia_lora.cost import Calibration, CostModel, calibrate, default_placements, predict_speedup, step_cost
+from aletheia_lora.cost import Calibration, CostModel, predict_speedup, step_cost
 from tiny_models import ARCHITECTURES, tiny_model, token_rows
 
 

@@ -7,7 +7,13 @@ from hypothesis import strategies as st
 
 from aletheia_lora import LayerScores, select_layers
 from aletheia_lora.cost import CostModel
-from aletheia_lora.select import SelectionSummary, default_target_speedup, selection_frontier, summarize_selection
+from aletheia_lora.select import (
+    SelectConfig,
+    SelectionSummary,
+    default_target_speedup,
+    selection_frontier,
+    summarize_selection,
+)
 from test_cost import SMOLLM2
 
 
@@ -208,3 +214,20 @@ def test_truncation_keeps_the_budget_and_picks_a_frontier_point(scores, pct, tar
     assert tuple(chosen) in {p.layers for p in points}
     if target is not None:
         assert CostModel.uniform(len(scores)).speedup(chosen) >= target * (1 - 1e-9)
+
+
+def test_select_config_holds_calibrate_but_does_not_pass_it_on():
+    config = SelectConfig(top_k=3, calibrate=True)
+    assert config.calibrate is True
+    assert config.kwargs() == {"top_pct": None, "top_k": 3, "strategy": "score", "target_speedup": None}
+    assert "calibrate" not in SelectConfig().kwargs()
+    with pytest.raises(TypeError, match="--calibrate must be true or false, got 'yes'"):
+        SelectConfig(calibrate="yes")
+    with pytest.raises(ValueError, match="--strategy must be one of score, contiguous, truncation, got 'best'"):
+        SelectConfig(strategy="best")
+    with pytest.raises(ValueError, match="--top-k must be a positive integer, got 0"):
+        SelectConfig(top_k=0)
+    with pytest.raises(ValueError, match="--target-speedup must be a finite number > 0, got 0"):
+        SelectConfig(strategy="truncation", target_speedup=0)
+    with pytest.raises(ValueError, match=r"--top-pct must be between 1 and 100, got 0"):
+        SelectConfig(top_pct=0)

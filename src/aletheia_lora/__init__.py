@@ -5,7 +5,7 @@ from aletheia_lora.cost import predict_speedup
 from aletheia_lora.layers import DecoderStack, find_decoder_stack
 from aletheia_lora.probe import LayerScores, gradient_probe
 from aletheia_lora.ranks import RankAllocation, allocate_ranks
-from aletheia_lora.select import select_layers, selection_frontier
+from aletheia_lora.select import Selection, select_layers, selection_frontier
 
 __version__ = "0.2.0"
 
@@ -13,6 +13,7 @@ __all__ = [
     "DecoderStack",
     "LayerScores",
     "RankAllocation",
+    "Selection",
     "aletheia_lora_config",
     "allocate_ranks",
     "apply_aletheia_lora",

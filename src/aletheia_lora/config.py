@@ -3,31 +3,37 @@
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from peft import LoraConfig, TaskType
 from torch import nn
 
-from aletheia_lora.layers import ATTENTION, MLP, DecoderStack, find_decoder_stack, unwrap_model
+from aletheia_lora.checks import (
+    check_bool,
+    check_choice,
+    check_names,
+    check_number,
+    check_positive,
+    validate_selected_layers,
+)
+from aletheia_lora.layers import (
+    ATTENTION,
+    KNOWN_MODULE_KINDS,
+    LLAMA_TARGET_MODULES,
+    MLP,
+    DecoderStack,
+    is_adapter_name,
+    matches_target,
+    resolve_stack,
+    unwrap_model,
+)
+from aletheia_lora.ranks import BY, allocate_for_config
 
 logger = logging.getLogger(__name__)
 
 RANK_ALLOCATIONS = ("uniform", "scores")
-
-# Used only when no model is given (aletheia_lora_config): the Llama/Qwen/Mistral names, as the reference.
-LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-_KNOWN_KINDS = {
-    **dict.fromkeys(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv"], ATTENTION
-    ),
-    **dict.fromkeys(["out_proj", "dense", "attn.c_proj", "self_attention.dense", "attention.dense"], ATTENTION),
-    **dict.fromkeys(["gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc"], MLP),
-    **dict.fromkeys(["dense_h_to_4h", "dense_4h_to_h", "mlp.c_proj", "w1", "w2", "w3"], MLP),
-}
 
 
 @dataclass
@@ -61,22 +67,16 @@ class LoraSettings:
     )
 
     def __post_init__(self) -> None:
-        if self.rank_allocation not in RANK_ALLOCATIONS:
-            raise ValueError(f"--rank-allocation must be uniform or scores, got {self.rank_allocation!r}")
-        if self.rank_by not in ("layer", "layer_and_kind"):
-            raise ValueError(f"--rank-by must be layer or layer_and_kind, got {self.rank_by!r}")
+        check_choice("--rank-allocation", self.rank_allocation, RANK_ALLOCATIONS)
+        check_choice("--rank-by", self.rank_by, BY)
         for name in ("r", "lora_alpha", "attention_r", "mlp_r", "attention_alpha", "mlp_alpha"):
-            value = getattr(self, name)
-            if value is None and name not in ("r", "lora_alpha"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value!r}")
-            if name in ("r", "attention_r", "mlp_r") and not float(value).is_integer():
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
-        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, numbers.Real):
-            raise ValueError(f"--lora-dropout must be a number in [0, 1), got {self.lora_dropout!r}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"--lora-dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+            flag, value = "--" + name.replace("_", "-"), getattr(self, name)
+            optional = name not in ("r", "lora_alpha")
+            check_number(flag, value, above=0, allow_none=optional, expected="a positive number")
+            # 8.0 (from a YAML file) is a rank; kwargs() passes it on as 8
+            if name in ("r", "attention_r", "mlp_r") and value is not None and not float(value).is_integer():
+                raise ValueError(f"{flag} must be an integer, got {value!r}")
+        check_number("--lora-dropout", self.lora_dropout, minimum=0, below=1)
 
     def kwargs(self) -> dict:
         """Keyword arguments for :func:`apply_aletheia_lora`."""
@@ -92,83 +92,6 @@ class LoraSettings:
             "rank_allocation": self.rank_allocation,
             "rank_by": self.rank_by,
         }
-
-
-def validate_selected_layers(selected_layers, num_layers: int | None = None) -> list[int]:
-    """Check a layer selection and return it sorted. PEFT reads ``[]`` as *all* layers, so empty is an error.
-
-    Args:
-        selected_layers: Block indices, in any order (a list, tuple, range or NumPy array of integers).
-        num_layers: Number of blocks of the model, to range-check the indices.
-
-    Returns:
-        The indices as sorted Python ints.
-
-    Raises:
-        TypeError: not a sequence of integers, or ``num_layers`` is not an integer.
-        ValueError: empty, negative, out of range or duplicated indices.
-    """
-    if num_layers is not None:
-        if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral):
-            raise TypeError(f"num_layers must be a positive integer or None, got {num_layers!r}")
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be a positive integer or None, got {num_layers!r}")
-    if isinstance(selected_layers, (str, bytes, Mapping)) or not isinstance(selected_layers, Iterable):
-        raise TypeError(f"selected_layers must be a list of layer indices, got {type(selected_layers).__name__}")
-    layers = list(selected_layers)
-    if not layers:
-        raise ValueError("selected_layers is empty; PEFT would read an empty list as 'all layers'")
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-            raise TypeError(f"selected_layers must hold integers, got {layer!r} ({type(layer).__name__})")
-        if layer < 0:
-            raise ValueError(f"selected_layers holds a negative index: {layer}")
-        if num_layers is not None and layer >= num_layers:
-            raise ValueError(f"selected_layers holds {layer}, out of range for a model with {num_layers} layers")
-    duplicates = sorted({int(x) for x in layers if layers.count(x) > 1})
-    if duplicates:
-        raise ValueError(f"selected_layers holds duplicates: {duplicates}")
-    return sorted(int(x) for x in layers)
-
-
-def _check_rank(name: str, value, allow_none: bool = True):
-    """Check a rank (a positive integer) or an alpha (a positive finite number); return it as a Python number.
-
-    NumPy scalars become ``int``/``float``: a ``LoraConfig`` holding them cannot be saved as JSON.
-    """
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    if name.endswith("_r") or name == "r":
-        if not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an integer, got {value!r}")
-        return int(value)
-    return int(value) if isinstance(value, numbers.Integral) else float(value)
-
-
-def _check_names(name: str, value, what: str = "module") -> list[str] | None:
-    """None, or a non-empty list of non-empty strings (module or parameter names), de-duplicated in order."""
-    if value is None:
-        return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(f"{name} must be a list of {what} names, got {value!r}")
-    names = list(value)
-    if not all(isinstance(t, str) and t for t in names):
-        raise TypeError(f"{name} must be a list of {what} names, got {value!r}")
-    if not names:
-        raise ValueError(f"{name} is empty: it must name at least one {what}")
-    return list(dict.fromkeys(names))
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-    return value
 
 
 def aletheia_lora_config(
@@ -217,26 +140,23 @@ def aletheia_lora_config(
         The ``LoraConfig``; pass it to ``peft.get_peft_model``.
     """
     layers = validate_selected_layers(selected_layers, num_layers)
-    r = _check_rank("r", r, allow_none=False)
-    lora_alpha = _check_rank("lora_alpha", lora_alpha, allow_none=False)
-    attention_r = _check_rank("attention_r", attention_r)
-    mlp_r = _check_rank("mlp_r", mlp_r)
-    attention_alpha = _check_rank("attention_alpha", attention_alpha)
-    mlp_alpha = _check_rank("mlp_alpha", mlp_alpha)
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) or not 0 <= lora_dropout < 1:
-        raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
-    lora_dropout = float(lora_dropout)
-    target_modules = _check_names("target_modules", target_modules) or list(LLAMA_TARGET_MODULES)
-    target_parameters = _check_names("target_parameters", target_parameters, "parameter")
+    # NumPy scalars become int/float: a LoraConfig holding them cannot be saved as JSON.
+    r = check_positive("r", r, integer=True)
+    lora_alpha = check_positive("lora_alpha", lora_alpha)
+    attention_r = check_positive("attention_r", attention_r, integer=True, allow_none=True)
+    mlp_r = check_positive("mlp_r", mlp_r, integer=True, allow_none=True)
+    attention_alpha = check_positive("attention_alpha", attention_alpha, allow_none=True)
+    mlp_alpha = check_positive("mlp_alpha", mlp_alpha, allow_none=True)
+    lora_dropout = check_number("lora_dropout", lora_dropout, minimum=0, below=1)
+    target_modules = check_names("target_modules", target_modules) or list(LLAMA_TARGET_MODULES)
+    target_parameters = check_names("target_parameters", target_parameters, what="parameter")
     if layers_pattern is not None and (not isinstance(layers_pattern, str) or not layers_pattern):
         raise TypeError(f"layers_pattern must be a non-empty string (a regex) or None, got {layers_pattern!r}")
-    fan_in_fan_out = _check_bool("fan_in_fan_out", fan_in_fan_out)
-    task_types = [t.value for t in TaskType]
-    if not isinstance(task_type, str) or task_type not in task_types:
-        raise ValueError(f"task_type must be one of {task_types}, got {task_type!r}")
+    fan_in_fan_out = check_bool("fan_in_fan_out", fan_in_fan_out)
+    check_choice("task_type", task_type, [t.value for t in TaskType])
     if module_kinds is not None and not isinstance(module_kinds, Mapping):
         raise TypeError(f"module_kinds must be a mapping of module name -> kind, got {type(module_kinds).__name__}")
-    kinds = module_kinds if module_kinds is not None else _KNOWN_KINDS
+    kinds = module_kinds if module_kinds is not None else KNOWN_MODULE_KINDS
 
     rank_pattern, alpha_pattern = {}, {}
     groups = ((ATTENTION, attention_r, attention_alpha), (MLP, mlp_r, mlp_alpha))
@@ -281,13 +201,13 @@ def _check_against_model(config: LoraConfig, base: nn.Module, stack: DecoderStac
 
     names = [name for name, _ in base.named_modules() if name]
     for target in config.target_modules:
-        if not any(n == target or n.endswith("." + target) for n in names):
+        if not any(matches_target(n, target) for n in names):
             raise ValueError(
                 f"target module {target!r} is not in {type(base).__name__}; its blocks have {sorted(stack.modules)}"
             )
     hit_layers = set()
     for name in names:
-        if "lora_" in name or name.endswith(".base_layer"):
+        if is_adapter_name(name):
             continue
         if check_target_module_exists(config, name):
             layer = stack.layer_of(name)
@@ -318,6 +238,7 @@ def apply_aletheia_lora(
     rank_allocation: str = "uniform",
     layer_scores=None,
     rank_by: str = "layer",
+    stack: DecoderStack | None = None,
     **lora_kwargs,
 ) -> LoraConfig:
     """Build the ``LoraConfig`` for ``model``: its own module names, its block stack, checked against PEFT.
@@ -339,12 +260,13 @@ def apply_aletheia_lora(
             on the selected layers, spread in proportion to ``layer_scores`` (see :func:`allocate_ranks`).
         layer_scores: Probe scores, needed by ``rank_allocation="scores"``.
         rank_by: With ``scores``: ``layer`` (one rank per layer) or ``layer_and_kind``.
+        stack: ``model``'s decoder stack, when the caller has found it already.
         Other arguments: as :func:`aletheia_lora_config`.
 
     Returns:
         The ``LoraConfig``.
     """
-    target_experts = _check_bool("target_experts", target_experts)
+    target_experts = check_bool("target_experts", target_experts)
     if rank_allocation not in RANK_ALLOCATIONS:
         raise ValueError(f"rank_allocation must be 'uniform' or 'scores', got {rank_allocation!r}")
     if rank_allocation == "scores":
@@ -356,7 +278,7 @@ def apply_aletheia_lora(
         for name, value in (("attention_alpha", attention_alpha), ("mlp_alpha", mlp_alpha)):
             if value is not None:
                 raise ValueError(f"rank_allocation='scores' sets every alpha; do not give {name}={value!r}")
-    stack = find_decoder_stack(model)
+    stack = resolve_stack(model, stack)
     base = unwrap_model(model)
     layers = validate_selected_layers(selected_layers, stack.num_layers)
     if target_modules is None:
@@ -386,16 +308,14 @@ def apply_aletheia_lora(
         task_type=task_type,
         layers_pattern=stack.layers_pattern,
         num_layers=stack.num_layers,
-        module_kinds={**_KNOWN_KINDS, **stack.modules},
+        module_kinds={**KNOWN_MODULE_KINDS, **stack.modules},
         fan_in_fan_out=stack.fan_in_fan_out,
         target_parameters=target_parameters,
         **lora_kwargs,
     )
     _check_against_model(config, base, stack, layers)
     if rank_allocation == "scores":
-        from aletheia_lora.ranks import allocate_for_config  # ranks imports this module
-
-        config, _ = allocate_for_config(model, config, layer_scores, by=rank_by)
+        config, _ = allocate_for_config(model, config, layer_scores, by=rank_by, stack=stack)
     return config
 
 
@@ -410,10 +330,7 @@ def adapted_module_names(config: LoraConfig, model: nn.Module) -> list[str]:
     return [
         name
         for name, _ in base.named_modules()
-        if name
-        and "lora_" not in name
-        and not name.endswith(".base_layer")
-        and check_target_module_exists(config, name)
+        if name and not is_adapter_name(name) and check_target_module_exists(config, name)
     ]
 
 
@@ -475,7 +392,7 @@ def export_config(config: LoraConfig, fmt: str = "peft", model: nn.Module | None
         names = adapted_module_names(config, model)
     else:
         names = [
-            f"model.layers.{i}.{'self_attn' if _KNOWN_KINDS.get(t) == ATTENTION else 'mlp'}.{t}"
+            f"model.layers.{i}.{'self_attn' if KNOWN_MODULE_KINDS.get(t) == ATTENTION else 'mlp'}.{t}"
             for i in layers
             for t in targets
         ]

@@ -17,18 +17,14 @@ which PEFT's k-bit preparation and transformers' gradient checkpointing register
 Gradient checkpointing also re-runs the forward of every checkpointed block whose backward runs.
 
 :class:`CostModel` counts FLOPs from a model's real module shapes or from its config; :meth:`CostModel.uniform`
-is the model-free approximation (every block costs 1 forward and 1 backward); :func:`calibrate` times real
-steps on the user's hardware and fits a :class:`Calibration`, which captures what FLOPs miss (on CPUs the
-small rank-r products of the adapters cost far more than their FLOPs).
+is the model-free approximation (every block costs 1 forward and 1 backward); a :class:`Calibration` predicts
+from step times measured on the user's hardware (:func:`aletheia_lora.calibrate.calibrate` times them), which
+captures what FLOPs miss (on CPUs the small rank-r products of the adapters cost far more than their FLOPs).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import numbers
-import statistics
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -37,8 +33,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from aletheia_lora.config import validate_selected_layers
-from aletheia_lora.layers import ATTENTION, MLP, ROUTER, find_decoder_stack, unwrap_model
+from aletheia_lora.checks import check_bool, check_int, check_names, check_number, validate_selected_layers
+from aletheia_lora.layers import (
+    DecoderStack,
+    config_num_layers,
+    looks_like_config,
+    matches_target,
+    resolve_stack,
+    shapes_from_config,
+    shapes_from_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,28 +81,6 @@ class StepCost:
     def total(self) -> float:
         """All FLOPs of the step."""
         return self.forward + self.backward + self.recompute + self.lora + self.optimizer
-
-
-def _check_flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _check_non_negative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -171,8 +153,8 @@ class CostModel:
         Returns:
             The cost model.
         """
-        n = _check_positive_int("num_layers", num_layers)
-        share = _check_non_negative("head_share", head_share)
+        n = check_int("num_layers", num_layers, minimum=1)
+        share = check_number("head_share", head_share, minimum=0)
         if share >= 1:
             raise ValueError(f"head_share must be in [0, 1), got {head_share!r}")
         # fixed / (fixed + 2n) = share; the fixed part is split evenly between forward and backward.
@@ -186,8 +168,8 @@ class CostModel:
             lora_backward=(0.0,) * n,
             lora_params=(0,) * n,
             optimizer_flops_per_param=0.0,
-            backward_to_embeddings=_check_flag("backward_to_embeddings", backward_to_embeddings),
-            gradient_checkpointing=_check_flag("gradient_checkpointing", gradient_checkpointing),
+            backward_to_embeddings=check_bool("backward_to_embeddings", backward_to_embeddings),
+            gradient_checkpointing=check_bool("gradient_checkpointing", gradient_checkpointing),
             description=f"uniform {n} blocks, head share {share:g}",
         )
 
@@ -203,6 +185,7 @@ class CostModel:
         backward_to_embeddings: bool | None = None,
         gradient_checkpointing: bool = False,
         optimizer_flops_per_param: float = DEFAULT_OPTIMIZER_FLOPS_PER_PARAM,
+        stack: DecoderStack | None = None,
     ) -> CostModel:
         """Count the FLOPs of a LoRA step of a model, or of a model described by its config.
 
@@ -228,6 +211,7 @@ class CostModel:
                 registers that hook.
             gradient_checkpointing: Blocks re-run their forward (adapters included) before their backward.
             optimizer_flops_per_param: Optimizer FLOPs per adapter parameter and step.
+            stack: The model's decoder stack, when the caller has found it already.
 
         Returns:
             The cost model.
@@ -236,34 +220,31 @@ class CostModel:
             TypeError: ``model_or_config`` is neither a torch module nor a config, or an option has the wrong type.
             ValueError: an option is out of range, the config lacks a size, or a target module matches nothing.
         """
-        seq_len = _check_positive_int("seq_len", seq_len)
-        batch_size = _check_positive_int("batch_size", batch_size)
-        r = _check_positive_int("r", r)
-        gradient_checkpointing = _check_flag("gradient_checkpointing", gradient_checkpointing)
+        seq_len = check_int("seq_len", seq_len, minimum=1)
+        batch_size = check_int("batch_size", batch_size, minimum=1)
+        r = check_int("r", r, minimum=1)
+        gradient_checkpointing = check_bool("gradient_checkpointing", gradient_checkpointing)
         if backward_to_embeddings is None:
             backward_to_embeddings = gradient_checkpointing
-        backward_to_embeddings = _check_flag("backward_to_embeddings", backward_to_embeddings)
-        optimizer_flops_per_param = _check_non_negative("optimizer_flops_per_param", optimizer_flops_per_param)
-        if target_modules is not None and (
-            isinstance(target_modules, str) or not all(isinstance(t, str) and t for t in target_modules)
-        ):
-            raise TypeError(f"target_modules must be a list of module names, got {target_modules!r}")
+        backward_to_embeddings = check_bool("backward_to_embeddings", backward_to_embeddings)
+        optimizer_flops_per_param = check_number("optimizer_flops_per_param", optimizer_flops_per_param, minimum=0)
+        target_modules = check_names("target_modules", target_modules)
 
         if isinstance(model_or_config, nn.Module):
-            shapes = _shapes_from_model(model_or_config)
-        elif _looks_like_config(model_or_config):
-            shapes = _shapes_from_config(model_or_config)
+            shapes = shapes_from_model(model_or_config, stack=stack)
+        elif looks_like_config(model_or_config):
+            shapes = shapes_from_config(model_or_config)
         else:
             raise TypeError(
                 "model_or_config must be a torch model or a transformers PretrainedConfig, "
                 f"got {type(model_or_config).__name__}"
             )
-        targets = list(target_modules) if target_modules is not None else shapes.default_targets
+        targets = target_modules if target_modules is not None else shapes.default_targets
         if not targets:
             raise ValueError(f"{shapes.model_type}: no attention or MLP linear modules to adapt")
         all_names = {name for block in shapes.blocks for name, _, _, _ in block}
         for target in targets:
-            if not any(_matches(name, target) for name in all_names):
+            if not any(matches_target(name, target) for name in all_names):
                 raise ValueError(
                     f"target module {target!r} is not in {shapes.model_type}'s blocks; they have {sorted(all_names)}"
                 )
@@ -271,12 +252,12 @@ class CostModel:
         tokens = seq_len * batch_size
         attention = 4.0 * seq_len * shapes.attention_width * tokens
         block_forward, block_backward, lora_forward, lora_backward, lora_params = [], [], [], [], []
-        for block, experts in zip(shapes.blocks, shapes.expert_flops):
-            linear = sum(2.0 * fan_in * fan_out for _, fan_in, fan_out, _ in block) * tokens + experts * tokens
+        for block, experts in zip(shapes.blocks, shapes.expert_params):
+            linear = sum(2.0 * fan_in * fan_out for _, fan_in, fan_out, _ in block) * tokens + 2.0 * experts * tokens
             block_forward.append(linear + attention)
             block_backward.append(linear + 2 * attention)
             width = sum(
-                fan_in + fan_out for name, fan_in, fan_out, _ in block if any(_matches(name, t) for t in targets)
+                fan_in + fan_out for name, fan_in, fan_out, _ in block if any(matches_target(name, t) for t in targets)
             )
             lora_forward.append(2.0 * r * width * tokens)
             lora_backward.append(4.0 * r * width * tokens)
@@ -334,218 +315,6 @@ class CostModel:
         return self.speedup(selected_layers)
 
 
-# --- shapes -------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Shapes:
-    """Linear layers of each block as (name relative to the block, in, out, kind), plus head and attention sizes."""
-
-    model_type: str
-    source: str
-    blocks: list[list[tuple[str, int, int, str]]]
-    expert_flops: list[float]  # per token, fused MoE experts (not linear modules)
-    attention_width: int  # heads * head_dim: the width of the score and weighted-sum products
-    head_in: int
-    vocab_size: int
-    default_targets: list[str]
-
-
-def _matches(name: str, target: str) -> bool:
-    """PEFT's rule for a list ``target_modules``: the module name equals the target or ends with ``.target``."""
-    return name == target or name.endswith("." + target)
-
-
-def _looks_like_config(obj: Any) -> bool:
-    return hasattr(obj, "model_type") and hasattr(obj, "to_dict")
-
-
-_MISSING = object()
-
-
-def _get(config: Any, *names: str, default: Any = _MISSING) -> Any:
-    """The first of ``names`` that the config sets (not None)."""
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    if default is _MISSING:
-        raise ValueError(
-            f"config of model_type {getattr(config, 'model_type', '?')!r} sets none of {list(names)}; "
-            "pass the model instead to count its modules"
-        )
-    return default
-
-
-def _text_config(config: Any) -> Any:
-    get_text_config = getattr(config, "get_text_config", None)
-    return get_text_config() if callable(get_text_config) else config
-
-
-def _attention_sizes(config: Any) -> tuple[int, int, int, int]:
-    """(hidden, heads, kv_heads, head_dim) from a config under any of the common names."""
-    hidden = int(_get(config, "hidden_size", "n_embd", "d_model"))
-    heads = int(_get(config, "num_attention_heads", "n_head", "n_heads"))
-    kv_heads = _get(config, "num_key_value_heads", default=None)
-    if kv_heads is None and config.model_type == "falcon":
-        if getattr(config, "new_decoder_architecture", False):
-            kv_heads = _get(config, "num_kv_heads", default=heads)
-        elif getattr(config, "multi_query", False):
-            kv_heads = 1
-    kv_heads = int(kv_heads if kv_heads is not None else heads)
-    head_dim = int(_get(config, "head_dim", default=hidden // heads))
-    return hidden, heads, kv_heads, head_dim
-
-
-def _shapes_from_config(config: Any) -> _Shapes:
-    config = _text_config(config)
-    model_type = str(config.model_type)
-    hidden, heads, kv_heads, head_dim = _attention_sizes(config)
-    num_layers = int(_get(config, "num_hidden_layers", "n_layer", "n_layers", "num_layers"))
-    vocab = int(_get(config, "vocab_size"))
-    q, kv = heads * head_dim, kv_heads * head_dim
-    A, M = ATTENTION, MLP
-    experts = 0.0
-    if model_type == "gpt2":
-        inner = int(_get(config, "n_inner", default=4 * hidden))
-        block = [("attn.c_attn", hidden, 3 * hidden, A), ("attn.c_proj", hidden, hidden, A)]
-        block += [("mlp.c_fc", hidden, inner, M), ("mlp.c_proj", inner, hidden, M)]
-    elif model_type in ("gpt_neox", "falcon", "bloom"):
-        prefix = "attention" if model_type == "gpt_neox" else "self_attention"
-        inner = int(_get(config, "intermediate_size", "ffn_hidden_size", default=4 * hidden))
-        block = [(f"{prefix}.query_key_value", hidden, q + 2 * kv, A), (f"{prefix}.dense", q, hidden, A)]
-        block += [("mlp.dense_h_to_4h", hidden, inner, M), ("mlp.dense_4h_to_h", inner, hidden, M)]
-    elif model_type == "opt":
-        inner = int(_get(config, "ffn_dim", default=4 * hidden))
-        block = [(f"self_attn.{n}", hidden, hidden, A) for n in ("q_proj", "k_proj", "v_proj", "out_proj")]
-        block += [("fc1", hidden, inner, M), ("fc2", inner, hidden, M)]
-    elif model_type == "mpt":
-        inner = int(_get(config, "expansion_ratio", default=4) * hidden)
-        block = [("attn.Wqkv", hidden, 3 * hidden, A), ("attn.out_proj", hidden, hidden, A)]
-        block += [("ffn.up_proj", hidden, inner, M), ("ffn.down_proj", inner, hidden, M)]
-    elif model_type == "phi":
-        inner = int(_get(config, "intermediate_size", default=4 * hidden))
-        block = [("self_attn.q_proj", hidden, q, A), ("self_attn.k_proj", hidden, kv, A)]
-        block += [("self_attn.v_proj", hidden, kv, A), ("self_attn.dense", q, hidden, A)]
-        block += [("mlp.fc1", hidden, inner, M), ("mlp.fc2", inner, hidden, M)]
-    elif model_type == "phi3":
-        inner = int(_get(config, "intermediate_size"))
-        block = [("self_attn.qkv_proj", hidden, q + 2 * kv, A), ("self_attn.o_proj", q, hidden, A)]
-        block += [("mlp.gate_up_proj", hidden, 2 * inner, M), ("mlp.down_proj", inner, hidden, M)]
-    else:
-        block = [("self_attn.q_proj", hidden, q, A), ("self_attn.k_proj", hidden, kv, A)]
-        block += [("self_attn.v_proj", hidden, kv, A), ("self_attn.o_proj", q, hidden, A)]
-        num_experts = _get(config, "num_local_experts", "num_experts", default=None)
-        if num_experts:
-            top_k = int(_get(config, "num_experts_per_tok", default=2))
-            expert_inner = int(_get(config, "moe_intermediate_size", "intermediate_size"))
-            experts = top_k * 3 * 2.0 * hidden * expert_inner
-            shared = _get(config, "shared_expert_intermediate_size", default=0)
-            if shared:
-                block += [(f"mlp.shared_expert.{n}", hidden, shared, M) for n in ("gate_proj", "up_proj")]
-                block += [
-                    ("mlp.shared_expert.down_proj", shared, hidden, M),
-                    ("mlp.shared_expert_gate", hidden, 1, ROUTER),
-                ]
-        else:
-            if model_type not in _KNOWN_LLAMA_STYLE:
-                logger.info("model_type %r: costed as a Llama-style block (q/k/v/o, gate/up/down)", model_type)
-            inner = int(_get(config, "intermediate_size"))
-            block += [(f"mlp.{n}", hidden, inner, M) for n in ("gate_proj", "up_proj")]
-            block += [("mlp.down_proj", inner, hidden, M)]
-    head_in = int(_get(config, "word_embed_proj_dim", default=hidden)) if model_type == "opt" else hidden
-    return _Shapes(
-        model_type=model_type,
-        source="config",
-        blocks=[list(block) for _ in range(num_layers)],
-        expert_flops=[experts] * num_layers,
-        attention_width=q,
-        head_in=head_in,
-        vocab_size=vocab,
-        default_targets=[name for name, _, _, kind in block if kind in (ATTENTION, MLP)],
-    )
-
-
-_KNOWN_LLAMA_STYLE = {
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "gemma3_text",
-    "stablelm",
-    "olmo",
-    "olmo2",
-    "granite",
-    "cohere",
-    "starcoder2",
-}
-
-
-def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    base = getattr(module, "base_layer", None)
-    if isinstance(base, nn.Module):
-        module = base
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer stores its weight as (in, out)
-        fan_in, fan_out = module.weight.shape
-        return int(fan_in), int(fan_out)
-    return None
-
-
-def _shapes_from_model(model: nn.Module) -> _Shapes:
-    stack = find_decoder_stack(model)
-    base = unwrap_model(model)
-    config = getattr(base, "config", None)
-    top_k = None
-    attention_width = 0
-    if config is not None:
-        text = _text_config(config)
-        try:
-            _, heads, _, head_dim = _attention_sizes(text)
-            attention_width = heads * head_dim
-        except ValueError:
-            logger.warning("%s: no head count in its config; attention-score FLOPs not counted", stack.model_type)
-        top_k = getattr(text, "num_experts_per_tok", None)
-    blocks, expert_flops = [], []
-    for block in stack.blocks:
-        linears = []
-        for name, module in block.named_modules():
-            if not name or "lora_" in name or name.endswith(".base_layer"):
-                continue
-            shape = _linear_shape(module)
-            if shape is not None:
-                linears.append((name, *shape, ""))
-        blocks.append(linears)
-        experts = 0.0
-        for name in stack.expert_parameters:
-            param = block.get_parameter(name)
-            per_expert = param.numel() / param.shape[0]
-            experts += 2.0 * per_expert * (top_k or param.shape[0])
-        expert_flops.append(experts)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        vocab, head_in = weight.shape
-    else:
-        if config is None:
-            raise ValueError(f"{type(base).__name__} has neither an output embedding nor a config to size its head")
-        text = _text_config(config)
-        vocab, head_in = _get(text, "vocab_size"), _get(text, "hidden_size", "n_embd", "d_model")
-    return _Shapes(
-        model_type=stack.model_type,
-        source="modules",
-        blocks=blocks,
-        expert_flops=expert_flops,
-        attention_width=attention_width,
-        head_in=int(head_in),
-        vocab_size=int(vocab),
-        default_targets=stack.default_target_modules,
-    )
-
-
 # --- functional entry points --------------------------------------------------------------------------------
 
 
@@ -560,6 +329,7 @@ def step_cost(
     backward_to_embeddings: bool | None = None,
     gradient_checkpointing: bool = False,
     optimizer_flops_per_param: float = DEFAULT_OPTIMIZER_FLOPS_PER_PARAM,
+    stack: DecoderStack | None = None,
 ) -> StepCost:
     """FLOPs of one LoRA training step with adapters on ``selected_layers``.
 
@@ -580,6 +350,7 @@ def step_cost(
         backward_to_embeddings=backward_to_embeddings,
         gradient_checkpointing=gradient_checkpointing,
         optimizer_flops_per_param=optimizer_flops_per_param,
+        stack=stack,
     )
     return model.step_cost(selected_layers)
 
@@ -596,16 +367,18 @@ def predict_speedup(
     gradient_checkpointing: bool | None = None,
     optimizer_flops_per_param: float = DEFAULT_OPTIMIZER_FLOPS_PER_PARAM,
     calibration: Calibration | None = None,
+    stack: DecoderStack | None = None,
 ) -> float:
     """Predicted step-time ratio of LoRA on every block to LoRA on ``selected_layers`` (> 1 is faster).
 
     Args:
         model_or_config: A causal LM or its ``PretrainedConfig``.
         selected_layers: Adapted block indices.
-        calibration: Times measured on this hardware (:func:`calibrate`). They replace the FLOP count: the
-            prediction is the calibration's, measured at its own batch, rank and checkpointing regime, so
-            ``seq_len``, ``batch_size``, ``r`` and ``target_modules`` do not enter. ``backward_to_embeddings``
-            and ``gradient_checkpointing``, when given, must match the regime it was measured in.
+        calibration: Times measured on this hardware (:func:`aletheia_lora.calibrate.calibrate`). They replace
+            the FLOP count: the prediction is the calibration's, measured at its own batch, rank and checkpointing
+            regime, so ``seq_len``, ``batch_size``, ``r`` and ``target_modules`` do not enter.
+            ``backward_to_embeddings`` and ``gradient_checkpointing``, when given, must match the regime it was
+            measured in.
         Other arguments: as :meth:`CostModel.from_model` (``gradient_checkpointing=None`` means False).
 
     Returns:
@@ -621,6 +394,7 @@ def predict_speedup(
             backward_to_embeddings=backward_to_embeddings,
             gradient_checkpointing=False if gradient_checkpointing is None else gradient_checkpointing,
             optimizer_flops_per_param=optimizer_flops_per_param,
+            stack=stack,
         )
         return model.speedup(selected_layers)
     if not isinstance(calibration, Calibration):
@@ -633,7 +407,7 @@ def predict_speedup(
             raise ValueError(
                 f"{name}={value!r}, but the calibration was measured with {name}={getattr(calibration, name)!r}"
             )
-    num_layers = _num_layers(model_or_config)
+    num_layers = _num_layers(model_or_config, stack)
     if num_layers != calibration.num_layers:
         raise ValueError(
             f"the calibration was measured on {calibration.num_layers} layers, the model has {num_layers}"
@@ -641,11 +415,11 @@ def predict_speedup(
     return calibration.speedup(selected_layers)
 
 
-def _num_layers(model_or_config: nn.Module | Any) -> int:
+def _num_layers(model_or_config: nn.Module | Any, stack: DecoderStack | None) -> int:
     if isinstance(model_or_config, nn.Module):
-        return find_decoder_stack(model_or_config).num_layers
-    if _looks_like_config(model_or_config):
-        return int(_get(_text_config(model_or_config), "num_hidden_layers", "n_layer", "n_layers", "num_layers"))
+        return resolve_stack(model_or_config, stack).num_layers
+    if looks_like_config(model_or_config):
+        return config_num_layers(model_or_config)
     kind = type(model_or_config).__name__
     raise TypeError(f"model_or_config must be a torch model or a transformers PretrainedConfig, got {kind}")
 
@@ -730,14 +504,14 @@ class Calibration:
         Returns:
             The calibration.
         """
-        num_layers = _check_positive_int("num_layers", num_layers)
+        num_layers = check_int("num_layers", num_layers, minimum=1)
         pairs = list(timings.items()) if isinstance(timings, Mapping) else list(timings)
         if not pairs:
             raise ValueError("timings is empty: measure at least one placement")
         rows, seconds = [], []
         draft = cls(num_layers, 0.0, 0.0, 0.0, backward_to_embeddings, gradient_checkpointing)
         for layers, t in pairs:
-            t = _check_non_negative(f"timings[{tuple(layers)}]", t)
+            t = check_number(f"timings[{tuple(layers)}]", t, minimum=0)
             rows.append((1.0, *map(float, draft._features(validate_selected_layers(layers, num_layers)))))
             seconds.append(t)
         x = torch.tensor(rows, dtype=torch.float64)
@@ -777,132 +551,12 @@ class Calibration:
         )
 
 
-def default_placements(num_layers: int) -> list[list[int]]:
-    """All layers, the top half, and every other layer from 1: they separate the three calibrated costs."""
-    candidates = [list(range(num_layers)), list(range(num_layers // 2, num_layers)), list(range(1, num_layers, 2))]
-    unique = []
-    for layers in candidates:
-        if layers and layers not in unique:
-            unique.append(layers)
-    return unique
+def __getattr__(name: str) -> Any:
+    # TRANSITIONAL: calibrate and default_placements moved to aletheia_lora.calibrate (they need
+    # apply_aletheia_lora). Remove this once plan.py imports them from there: until then it is the one import cycle
+    # cost -> calibrate -> cost, left visible on purpose.
+    if name in ("calibrate", "default_placements"):
+        from aletheia_lora import calibrate as module
 
-
-def _is_checkpointing(model: nn.Module) -> bool:
-    # transformers 5 renamed the flag; reading the old name there only emits a deprecation warning.
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name) or name in vars(model):
-            return bool(getattr(model, name))
-    return False
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def calibrate(
-    model: nn.Module,
-    batch: Mapping[str, torch.Tensor],
-    *,
-    placements: Sequence[Sequence[int]] | None = None,
-    steps: int = 3,
-    warmup: int = 1,
-    r: int = 16,
-    target_modules: Sequence[str] | None = None,
-    lr: float = 1e-4,
-    lora_kwargs: Mapping[str, Any] | None = None,
-) -> Calibration:
-    """Time real LoRA steps for a few placements on this hardware and fit a :class:`Calibration`.
-
-    For each placement, adapters are injected with :func:`apply_aletheia_lora` and ``peft.get_peft_model``,
-    ``warmup + steps`` AdamW steps are run on ``batch`` and the median of the timed ones is kept; the adapters
-    are then removed again. The model's regime is measured as it is: gradient checkpointing if it is on, and
-    whether an input-require-grads hook makes the backward reach the embeddings.
-
-    Args:
-        model: A causal LM without adapters. Its weights are not changed; it is left in the training mode and
-            with the ``requires_grad`` flags it came with.
-        batch: Model inputs: ``input_ids`` (and optionally ``attention_mask``, ``labels``; labels default to
-            the input ids), on any device: they are moved to the model's.
-        placements: Layer selections to time. Default: :func:`default_placements`.
-        steps: Timed steps per placement.
-        warmup: Untimed steps before them.
-        r: LoRA rank.
-        target_modules: Adapted modules; default as :func:`apply_aletheia_lora`.
-        lr: AdamW learning rate (the step's cost does not depend on it).
-        lora_kwargs: Further ``LoraConfig`` arguments.
-
-    Returns:
-        The fitted calibration; ``timings`` holds the medians.
-    """
-    from peft import get_peft_model
-
-    from aletheia_lora.config import apply_aletheia_lora
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if any("lora_" in name for name, _ in model.named_parameters()):
-        raise ValueError("model already has LoRA adapters; calibrate the base model")
-    if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
-        raise TypeError(f"batch must be a mapping with an 'input_ids' tensor, got {type(batch).__name__}")
-    steps = _check_positive_int("steps", steps)
-    if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
-        raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
-    num_layers = find_decoder_stack(model).num_layers
-    if placements is None:
-        placements = default_placements(num_layers)
-    placements = [validate_selected_layers(layers, num_layers) for layers in placements]
-    if not placements:
-        raise ValueError("placements is empty: give at least one layer selection to time")
-
-    device = next(model.parameters()).device
-    inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
-    inputs.setdefault("labels", inputs["input_ids"].clone())
-    inputs.setdefault("use_cache", False)
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
-    gradient_checkpointing = _is_checkpointing(unwrap_model(model))
-    reaches_embeddings = False
-    timings = []
-    model.train()
-    try:
-        for layers in placements:
-            config = apply_aletheia_lora(model, layers, r=r, target_modules=target_modules, **dict(lora_kwargs or {}))
-            peft_model = get_peft_model(model, config)
-            try:
-                params = [p for p in peft_model.parameters() if p.requires_grad]
-                optimizer = torch.optim.AdamW(params, lr=lr)
-                probe = peft_model.get_input_embeddings()(inputs["input_ids"][:, :1])
-                reaches_embeddings |= bool(probe.requires_grad)
-                times = []
-                for step in range(warmup + steps):
-                    _sync(device)
-                    start = time.perf_counter()
-                    peft_model(**inputs).loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    _sync(device)
-                    if step >= warmup:
-                        times.append(time.perf_counter() - start)
-                timings.append((tuple(layers), statistics.median(times)))
-                logger.info("calibrate: layers %s: %.4f s/step", _span(layers), timings[-1][1])
-            finally:
-                model = peft_model.unload()
-    finally:
-        for name, p in model.named_parameters():
-            if name in requires_grad:
-                p.requires_grad_(requires_grad[name])
-        model.train(was_training)
-    return Calibration.fit(
-        num_layers,
-        timings,
-        backward_to_embeddings=reaches_embeddings,
-        gradient_checkpointing=gradient_checkpointing,
-    )
-
-
-def _span(layers: Sequence[int]) -> str:
-    """``15..29`` for a contiguous run, else the list."""
-    if len(layers) > 2 and list(layers) == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}..{layers[-1]}"
-    return str(list(layers))
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,9 +24,23 @@ from dataclasses import dataclass, field
 from peft import LoraConfig
 from torch import nn
 
-from aletheia_lora.config import validate_selected_layers
-from aletheia_lora.layers import DecoderStack, find_decoder_stack, unwrap_model
-from aletheia_lora.select import validate_scores
+from aletheia_lora.checks import (
+    check_choice,
+    check_int,
+    check_names,
+    check_number,
+    validate_scores,
+    validate_selected_layers,
+)
+from aletheia_lora.layers import (
+    OTHER,
+    DecoderStack,
+    is_adapter_name,
+    linear_shape,
+    matches_target,
+    resolve_stack,
+    unwrap_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,42 +120,37 @@ class _Unit:
         return sum(width for _, _, width in self.modules)
 
 
-def _check_int(name: str, value, minimum: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+# The requirement these checks have always named (tests pin "r must be an integer >= 1").
+_AT_LEAST_ONE = "an integer >= 1"
 
 
 def _features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a linear module; transformers' Conv1D stores its weight transposed."""
+    """(in_features, out_features) of a linear module; any other module with a 2-D weight is read as (out, in)."""
+    shape = linear_shape(module)
+    if shape is not None:
+        return shape
     layer = getattr(module, "base_layer", None)
     layer = layer if isinstance(layer, nn.Module) else module
     weight = getattr(layer, "weight", None)
     if weight is None or weight.dim() != 2:
         raise ValueError(f"{type(layer).__name__} has no 2-D weight: LoRA ranks apply to linear modules")
-    if type(layer).__name__ == "Conv1D":
-        return int(weight.shape[0]), int(weight.shape[1])
     return int(weight.shape[1]), int(weight.shape[0])
 
 
 def _kind_of(relative: str, stack: DecoderStack) -> str:
     for name, kind in stack.modules.items():
-        if relative == name or relative.endswith("." + name):
+        if matches_target(relative, name):
             return kind
-    return "other"
+    return OTHER
 
 
 def _block_modules(stack: DecoderStack, layer: int, targets: list[str]) -> list[tuple[str, str, int]]:
     """Modules of one block that PEFT's suffix match on ``targets`` adapts: (full name, kind, in + out)."""
     found = []
     for relative, module in stack.blocks[layer].named_modules():
-        if not relative or "lora_" in relative or relative.endswith(".base_layer"):
+        if not relative or is_adapter_name(relative):
             continue
-        if any(relative == t or relative.endswith("." + t) for t in targets):
+        if any(matches_target(relative, t) for t in targets):
             n_in, n_out = _features(module)
             found.append((f"{stack.path}.{layer}.{relative}", _kind_of(relative, stack), n_in + n_out))
     return found
@@ -218,7 +227,7 @@ def _round(units: list[_Unit], budget: int, step: int, low: int, high: float) ->
 
 def _check_patterns(base: nn.Module, rank_pattern: Mapping[str, int]) -> None:
     """Every key must match exactly one module of the model, as PEFT matches it (end of the name)."""
-    names = [n for n, _ in base.named_modules() if n and "lora_" not in n and not n.endswith(".base_layer")]
+    names = [n for n, _ in base.named_modules() if n and not is_adapter_name(n)]
     for key in rank_pattern:
         pattern = re.compile(rf"(.*\.)?({key})$")
         hits = [n for n in names if pattern.match(n)]
@@ -243,6 +252,7 @@ def allocate_ranks(
     multiple_of: int = 2,
     target_modules: Sequence[str] | None = None,
     kind_scores: Mapping[int, Mapping[str, float]] | None = None,
+    stack: DecoderStack | None = None,
 ) -> RankAllocation:
     """Share the LoRA parameters of uniform rank ``r`` among the selected blocks in proportion to their scores.
 
@@ -274,6 +284,7 @@ def allocate_ranks(
             attention and MLP projections.
         kind_scores: Block index -> {``"attention"``/``"mlp"``: score}, per-kind gradient information for
             ``by="layer_and_kind"``.
+        stack: The model's decoder stack, when the caller has found it already (with a model only).
 
     Returns:
         The :class:`RankAllocation`; its ``rank_pattern`` / ``alpha_pattern`` go into the ``LoraConfig``
@@ -289,7 +300,7 @@ def allocate_ranks(
         if stack.blocks is None:
             raise ValueError("model_or_stack is a DecoderStack without its blocks; pass the model instead")
     elif isinstance(model_or_stack, nn.Module):
-        stack, base = find_decoder_stack(model_or_stack), unwrap_model(model_or_stack)
+        stack, base = resolve_stack(model_or_stack, stack), unwrap_model(model_or_stack)
     else:
         raise TypeError(f"model_or_stack must be a torch model or a DecoderStack, got {type(model_or_stack).__name__}")
     scores = validate_scores(layer_scores)
@@ -300,16 +311,12 @@ def allocate_ranks(
     negative = {layer: scores[layer] for layer in layers if scores[layer] < 0}
     if negative:
         raise ValueError(f"ranks proportional to scores need scores >= 0; got negative ones: {negative}")
-    r = _check_int("r", r, 1)
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
-        raise TypeError(f"lora_alpha must be a number, got {lora_alpha!r}")
-    if not (math.isfinite(lora_alpha) and lora_alpha > 0):
-        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
-    if not isinstance(by, str) or by not in BY:
-        raise ValueError(f"by must be one of {list(BY)}, got {by!r}")
-    step = _check_int("multiple_of", multiple_of, 1)
-    min_rank = _check_int("min_rank", min_rank, 1)
-    max_rank = _check_int("max_rank", max_rank, 1, allow_none=True)
+    r = check_int("r", r, minimum=1, expected=_AT_LEAST_ONE)
+    check_number("lora_alpha", lora_alpha, above=0)
+    check_choice("by", by, BY)
+    step = check_int("multiple_of", multiple_of, minimum=1, expected=_AT_LEAST_ONE)
+    min_rank = check_int("min_rank", min_rank, minimum=1, expected=_AT_LEAST_ONE)
+    max_rank = check_int("max_rank", max_rank, minimum=1, allow_none=True, expected=_AT_LEAST_ONE)
     low = -(-min_rank // step) * step
     high = math.inf if max_rank is None else (max_rank // step) * step
     if low > r:
@@ -325,12 +332,9 @@ def allocate_ranks(
     if kind_scores is not None and by != "layer_and_kind":
         raise ValueError(f"kind_scores apply to by='layer_and_kind', not by={by!r}")
     kinds_given = _check_kind_scores(kind_scores, layers)
-    if target_modules is None:
+    targets = check_names("target_modules", target_modules)
+    if targets is None:
         targets = stack.default_target_modules
-    elif isinstance(target_modules, (str, bytes)) or not all(isinstance(t, str) and t for t in target_modules):
-        raise TypeError(f"target_modules must be a list of module names, got {target_modules!r}")
-    else:
-        targets = list(dict.fromkeys(target_modules))
     if not targets:
         raise ValueError(f"{stack.model_type}: no target modules to allocate ranks to")
 
@@ -437,9 +441,16 @@ def with_rank_allocation(config: LoraConfig, allocation: RankAllocation) -> Lora
 
 
 def allocate_for_config(
-    model, config: LoraConfig, layer_scores, *, by: str = "layer"
+    model: nn.Module,
+    config: LoraConfig,
+    layer_scores: Mapping[int, float],
+    *,
+    by: str = "layer",
+    stack: DecoderStack | None = None,
 ) -> tuple[LoraConfig, RankAllocation]:
     """Score-proportional ranks for a uniform-rank ``config`` of ``model``: its r, alpha, layers and targets.
+
+    ``stack`` is ``model``'s decoder stack, when the caller has found it already.
 
     Returns:
         The config with the allocation's rank and alpha patterns, and the allocation.
@@ -452,5 +463,6 @@ def allocate_for_config(
         lora_alpha=config.lora_alpha,
         by=by,
         target_modules=list(config.target_modules),
+        stack=stack,
     )
     return with_rank_allocation(config, allocation), allocation

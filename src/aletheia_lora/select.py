@@ -17,10 +17,19 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from aletheia_lora.config import validate_selected_layers
+from aletheia_lora.checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    validate_scores,
+    validate_selected_layers,
+)
 from aletheia_lora.cost import Calibration, CostModel
+from aletheia_lora.layers import DecoderStack
 
 STRATEGIES = ("score", "contiguous", "truncation")
 
@@ -32,29 +41,10 @@ DEFAULT_GAIN_SHARE = 0.5
 Cost = Callable[[Sequence[int]], float]
 
 
-def validate_scores(layer_scores: Mapping[int, float]) -> dict[int, float]:
-    """Check that scores map integer block indices to finite numbers; return them as a plain dict."""
-    if not isinstance(layer_scores, Mapping):
-        raise TypeError(f"layer_scores must be a mapping of layer index -> score, got {type(layer_scores).__name__}")
-    if not layer_scores:
-        raise ValueError("layer_scores is empty: it must contain at least one layer score")
-    scores = {}
-    for layer, score in layer_scores.items():
-        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 0:
-            raise ValueError(f"layer_scores key {layer!r} is not a layer index (a non-negative integer)")
-        if isinstance(score, bool) or not isinstance(score, numbers.Real):
-            raise TypeError(f"layer_scores[{layer}] = {score!r} is not a number")
-        if not math.isfinite(score):
-            raise ValueError(f"layer_scores[{layer}] = {score!r} is not finite; re-run the probe")
-        scores[int(layer)] = float(score)
-    return scores
-
-
 def budget_from(num_layers: int, top_pct: float | None, top_k: int | None) -> int:
     """Number of layers to keep: ``top_k``, or ``floor(num_layers * top_pct / 100)`` but at least 1."""
     if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
-            raise TypeError(f"top_k must be an integer, got {top_k!r} ({type(top_k).__name__})")
+        check_int("top_k", top_k)
         if not 1 <= top_k <= num_layers:
             raise ValueError(f"top_k must be between 1 and the number of layers ({num_layers}), got {top_k}")
         return int(top_k)
@@ -277,18 +267,12 @@ def select_layers(
     """
     scores = validate_scores(layer_scores)
     k = _budget(scores, top_pct, top_k)
-    if not isinstance(strategy, str) or strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+    check_choice("strategy", strategy, STRATEGIES)
     _check_cost(cost)  # also where the strategy ignores it: a wrong argument is a mistake either way
     if target_speedup is not None:
         if strategy != "truncation":
             raise ValueError(f"target_speedup applies to strategy='truncation', not {strategy!r}")
-        if isinstance(target_speedup, bool) or not isinstance(target_speedup, numbers.Real):
-            raise TypeError(
-                f"target_speedup must be a number, got {target_speedup!r} ({type(target_speedup).__name__})"
-            )
-        if not (math.isfinite(target_speedup) and target_speedup > 0):
-            raise ValueError(f"target_speedup must be a finite number > 0, got {target_speedup!r}")
+        check_number("target_speedup", target_speedup, above=0)
     if strategy == "score":
         return sorted(_top_by_score(scores, scores, k))
     if strategy == "contiguous":
@@ -314,33 +298,32 @@ class SelectConfig:
     target_speedup: float | None = field(
         default=None, metadata={"help": "With --strategy truncation: the predicted speedup to reach at least."}
     )
+    calibrate: bool = field(
+        default=False,
+        metadata={
+            "help": "Predict speedups from a few LoRA steps timed on this hardware (3 placements x 4 steps at the "
+            "training batch) instead of the FLOP count, which misses what small rank-r products cost on a CPU"
+        },
+    )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.strategy, str) or self.strategy not in STRATEGIES:
-            raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        check_choice("--strategy", self.strategy, STRATEGIES)
         if self.top_k is not None:  # the upper bound (the number of layers) is checked at selection
-            if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
-                raise TypeError(f"--top-k must be an integer, got {self.top_k!r} ({type(self.top_k).__name__})")
-            if self.top_k < 1:
-                raise ValueError(f"--top-k must be a positive integer, got {self.top_k!r}")
+            check_int("--top-k", self.top_k, minimum=1)
         else:
             try:
                 budget_from(100, self.top_pct, None)
             except (TypeError, ValueError) as exc:  # the same check as select_layers, named by the flag
                 raise type(exc)("--top-pct" + str(exc).removeprefix("top_pct")) from None
         if self.target_speedup is not None:
-            value = self.target_speedup
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, numbers.Real)
-                or not (math.isfinite(value) and value > 0)
-            ):
-                raise ValueError(f"--target-speedup must be a finite number > 0, got {value!r}")
+            check_number("--target-speedup", self.target_speedup, above=0)
             if self.strategy != "truncation":
                 raise ValueError(f"--target-speedup applies to --strategy truncation, not {self.strategy!r}")
+        check_bool("--calibrate", self.calibrate)
 
     def kwargs(self) -> dict:
-        """Keyword arguments for :func:`select_layers` / :func:`describe_selection`."""
+        """Keyword arguments for :func:`select_layers` / :func:`make_selection` (``calibrate`` is not one of them:
+        it decides which ``cost`` the caller passes)."""
         return {
             "top_pct": None if self.top_k is not None else self.top_pct,
             "top_k": self.top_k,
@@ -349,8 +332,178 @@ class SelectConfig:
         }
 
 
-def describe_selection(
-    scores,
+GIVEN = "given"
+# Written for a selection costed without a model: the model-free approximation.
+UNIFORM_DESCRIPTION = "uniform blocks (no model)"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The pipeline's central result: which blocks get adapters, why, and what it is predicted to save.
+
+    Build one with :func:`make_selection` (from probe scores) or :meth:`given` (blocks named by the user);
+    :meth:`to_dict` is what selection.json and a run's report hold, :meth:`from_dict` reads it back.
+
+    Attributes:
+        layers: The selected blocks, sorted (JSON: ``selected_layers``).
+        strategy: ``score``, ``contiguous``, ``truncation``, or ``given`` for blocks named by the user.
+        top_pct: The budget as a share of the blocks, as requested (None when ``top_k`` was).
+        top_k: The budget as a number of blocks, as requested.
+        target_speedup: The requested speedup (``truncation``).
+        lowest_layer: The lowest selected block (the backward pass stops there); default ``layers[0]``.
+        score_share: Share of the total probe score held by the selected blocks; None without scores.
+        predicted_speedup: Predicted step-time ratio of LoRA on every block to LoRA on these.
+        cost_model: What predicted the speedups (the cost model's or calibration's description).
+        alternatives: Every strategy's selection at the same budget, by strategy name.
+        frontier: Every candidate of the ``truncation`` strategy. JSON keeps a point's lowest block, score
+            share and speedup; read back, its ``layers`` are empty and ``pareto`` is recomputed from the points.
+        calibration: The numbers of the :class:`Calibration` the speedups came from, if any.
+        probe_seconds: Time the probe took (0.0 for given blocks and saved scores); None when not recorded.
+    """
+
+    layers: tuple[int, ...]
+    strategy: str
+    top_pct: float | None = None
+    top_k: int | None = None
+    target_speedup: float | None = None
+    lowest_layer: int | None = None
+    score_share: float | None = None
+    predicted_speedup: float | None = None
+    cost_model: str | None = None
+    alternatives: Mapping[str, SelectionSummary] = field(default_factory=dict)
+    frontier: tuple[FrontierPoint, ...] = ()
+    calibration: Mapping[str, Any] | None = None
+    probe_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        layers = tuple(validate_selected_layers(self.layers))
+        check_choice("strategy", self.strategy, (*STRATEGIES, GIVEN))
+        object.__setattr__(self, "layers", layers)
+        if self.lowest_layer is None:
+            object.__setattr__(self, "lowest_layer", layers[0])
+        object.__setattr__(self, "alternatives", dict(self.alternatives))
+        object.__setattr__(self, "frontier", tuple(self.frontier))
+
+    @classmethod
+    def given(cls, layers: Sequence[int]) -> Selection:
+        """Blocks named by the user: no scores, no prediction, no probe (``probe_seconds`` 0.0)."""
+        return cls(layers=tuple(layers), strategy=GIVEN, probe_seconds=0.0)
+
+    def with_probe_seconds(self, seconds: float | None) -> Selection:
+        """A copy that records how long the probe took."""
+        return replace(self, probe_seconds=seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON layout of selection.json and of a report's ``selection``, keys in this order."""
+        if self.strategy == GIVEN:
+            out: dict[str, Any] = {"strategy": GIVEN, "selected_layers": list(self.layers)}
+        else:
+            out = {
+                "strategy": self.strategy,
+                "top_pct": self.top_pct,
+                "top_k": self.top_k,
+                "target_speedup": self.target_speedup,
+                "selected_layers": list(self.layers),
+                "lowest_layer": self.lowest_layer,
+                "score_share": self.score_share,
+                "predicted_speedup": self.predicted_speedup,
+                "cost_model": self.cost_model,
+                "alternatives": {name: _summary_dict(s) for name, s in self.alternatives.items()},
+                "frontier": [
+                    {"lowest_layer": p.lowest_layer, "score_share": p.captured_share, "predicted_speedup": p.speedup}
+                    for p in self.frontier
+                ],
+            }
+            if self.calibration is not None:
+                out["calibration"] = dict(self.calibration)
+        if self.probe_seconds is not None:
+            out["probe_seconds"] = self.probe_seconds
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Selection:
+        """Read :meth:`to_dict`'s layout back (e.g. a selection.json, or a report's ``selection``).
+
+        Raises:
+            TypeError: ``data`` is not a mapping.
+            ValueError: a key the layout does not have, a missing ``strategy``/``selected_layers``, bad layers.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a selection must be a mapping, got {type(data).__name__}")
+        known = {"strategy", "selected_layers", "probe_seconds"}
+        if data.get("strategy") != GIVEN:
+            known |= {*_SCORED_KEYS, "calibration"}
+        unknown = sorted(set(data) - known)
+        missing = sorted({"strategy", "selected_layers"} - set(data))
+        if unknown or missing:
+            raise ValueError(f"not a selection: unknown keys {unknown}, missing keys {missing}")
+        if data["strategy"] == GIVEN:
+            return replace(cls.given(data["selected_layers"]), probe_seconds=data.get("probe_seconds"))
+        points = [(p["lowest_layer"], p["score_share"], p["predicted_speedup"]) for p in data.get("frontier", [])]
+        frontier = tuple(
+            FrontierPoint((), lowest, share, speedup, pareto=not _dominated(share, speedup, points))
+            for lowest, share, speedup in points
+        )
+        alternatives = {
+            name: SelectionSummary(tuple(a["layers"]), a["lowest_layer"], a["score_share"], a["predicted_speedup"])
+            for name, a in data.get("alternatives", {}).items()
+        }
+        return cls(
+            layers=tuple(data["selected_layers"]),
+            strategy=data["strategy"],
+            top_pct=data.get("top_pct"),
+            top_k=data.get("top_k"),
+            target_speedup=data.get("target_speedup"),
+            lowest_layer=data.get("lowest_layer"),
+            score_share=data.get("score_share"),
+            predicted_speedup=data.get("predicted_speedup"),
+            cost_model=data.get("cost_model"),
+            alternatives=alternatives,
+            frontier=frontier,
+            calibration=data.get("calibration"),
+            probe_seconds=data.get("probe_seconds"),
+        )
+
+
+_SCORED_KEYS = (
+    "top_pct",
+    "top_k",
+    "target_speedup",
+    "lowest_layer",
+    "score_share",
+    "predicted_speedup",
+    "cost_model",
+    "alternatives",
+    "frontier",
+)
+
+
+def _summary_dict(summary: SelectionSummary) -> dict[str, Any]:
+    return {
+        "layers": list(summary.layers),
+        "score_share": summary.captured_share,
+        "predicted_speedup": summary.speedup,
+        "lowest_layer": summary.lowest_layer,
+    }
+
+
+def _dominated(share: float, speedup: float, points: Sequence[tuple[int, float, float]]) -> bool:
+    """As :func:`selection_frontier` marks points: another captures at least as much at least as fast."""
+    return any(s >= share and v >= speedup and (s > share or v > speedup) for _, s, v in points)
+
+
+def calibration_numbers(calibration: Calibration) -> dict[str, Any]:
+    """What a selection records of the :class:`Calibration` its speedups came from: the fit and its timings."""
+    return {
+        "fixed_s": calibration.fixed_s,
+        "per_backward_block_s": calibration.per_backward_block_s,
+        "per_adapted_block_s": calibration.per_adapted_block_s,
+        "timings": [{"layers": list(layers), "seconds": seconds} for layers, seconds in calibration.timings],
+    }
+
+
+def make_selection(
+    scores: Mapping[int, float],
     *,
     model=None,
     seq_len: int = 128,
@@ -360,40 +513,74 @@ def describe_selection(
     strategy: str = "score",
     target_speedup: float | None = None,
     cost: CostModel | Calibration | None = None,
-) -> dict:
+    stack: DecoderStack | None = None,
+) -> Selection:
     """Select layers and describe the choice: score captured, predicted speedup, and every strategy side by side.
 
-    The speedups come from ``cost`` when given (e.g. a :class:`Calibration` timed on this hardware); else, with
-    ``model``, from its FLOP count at ``seq_len`` x ``batch_size``; without either, from the model-free
-    approximation (uniform blocks).
+    The speedups come from ``cost`` when given (e.g. a :class:`Calibration` timed on this hardware, whose
+    numbers the selection then records); else, with ``model``, from its FLOP count at ``seq_len`` x
+    ``batch_size``; without either, from the model-free approximation (uniform blocks).
+
+    Args:
+        scores: Layer index -> score, as returned by :func:`gradient_probe`.
+        model: The model the scores are for, to count its FLOPs (unused when ``cost`` is given).
+        seq_len: Tokens per sequence of the FLOP count.
+        batch_size: Sequences per step of the FLOP count.
+        top_pct, top_k, strategy, target_speedup: As :func:`select_layers`.
+        cost: What predicts the speedups.
+        stack: ``model``'s decoder stack, when the caller has found it already.
+
+    Returns:
+        The :class:`Selection`.
     """
     if cost is None and model is not None:
-        cost = CostModel.from_model(model, seq_len=seq_len, batch_size=batch_size)
+        cost = CostModel.from_model(model, seq_len=seq_len, batch_size=batch_size, stack=stack)
     budget = {"top_pct": top_pct, "top_k": top_k}
     layers = select_layers(scores, **budget, strategy=strategy, target_speedup=target_speedup, cost=cost)
     summary = summarize_selection(scores, layers, cost=cost)
-    alternatives = {}
-    for name in STRATEGIES:
-        other = summarize_selection(scores, select_layers(scores, **budget, strategy=name, cost=cost), cost=cost)
-        alternatives[name] = {
-            "layers": list(other.layers),
-            "score_share": other.captured_share,
-            "predicted_speedup": other.speedup,
-            "lowest_layer": other.lowest_layer,
-        }
-    frontier = [
-        {"lowest_layer": p.lowest_layer, "score_share": p.captured_share, "predicted_speedup": p.speedup}
-        for p in selection_frontier(scores, **budget, cost=cost)
-    ]
-    return {
-        "strategy": strategy,
-        **budget,
-        "target_speedup": target_speedup,
-        "selected_layers": layers,
-        "lowest_layer": summary.lowest_layer,
-        "score_share": summary.captured_share,
-        "predicted_speedup": summary.speedup,
-        "cost_model": cost.description if cost is not None else "uniform blocks (no model)",
-        "alternatives": alternatives,
-        "frontier": frontier,
+    alternatives = {
+        name: summarize_selection(scores, select_layers(scores, **budget, strategy=name, cost=cost), cost=cost)
+        for name in STRATEGIES
     }
+    return Selection(
+        layers=tuple(layers),
+        strategy=strategy,
+        top_pct=top_pct,
+        top_k=top_k,
+        target_speedup=target_speedup,
+        lowest_layer=summary.lowest_layer,
+        score_share=summary.captured_share,
+        predicted_speedup=summary.speedup,
+        cost_model=cost.description if cost is not None else UNIFORM_DESCRIPTION,
+        alternatives=alternatives,
+        frontier=tuple(selection_frontier(scores, **budget, cost=cost)),
+        calibration=calibration_numbers(cost) if isinstance(cost, Calibration) else None,
+    )
+
+
+def describe_selection(
+    scores: Mapping[int, float],
+    *,
+    model=None,
+    seq_len: int = 128,
+    batch_size: int = 1,
+    top_pct: float | None = 50,
+    top_k: int | None = None,
+    strategy: str = "score",
+    target_speedup: float | None = None,
+    cost: CostModel | Calibration | None = None,
+    stack: DecoderStack | None = None,
+) -> dict:
+    """:func:`make_selection` as its JSON dict (:meth:`Selection.to_dict`); kept for callers not yet migrated."""
+    return make_selection(
+        scores,
+        model=model,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        top_pct=top_pct,
+        top_k=top_k,
+        strategy=strategy,
+        target_speedup=target_speedup,
+        cost=cost,
+        stack=stack,
+    ).to_dict()
