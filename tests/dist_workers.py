@@ -203,7 +203,7 @@ def _record_writes(folder: str) -> None:
 
     def probe_and_select(*args, **kwargs):
         result = real_probe_and_select(*args, **kwargs)
-        note(f"selected {result['selection']['selected_layers']}")
+        note(f"selected {list(result['selection'].layers)}")
         return result
 
     pipeline.probe_and_select = probe_and_select

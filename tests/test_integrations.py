@@ -110,7 +110,7 @@ def test_strategy_and_lora_arguments_pass_through():
         model, token_rows(4), layer_scores=SCORES, top_k=2, strategy="contiguous", target_modules=["q_proj"]
     )
     assert report.selected_layers == [4, 5]
-    assert report.selection["strategy"] == "contiguous"
+    assert report.selection.strategy == "contiguous"
     assert set(report.lora_config.target_modules) == {"q_proj"}
 
 

@@ -550,13 +550,3 @@ class Calibration:
             timings=tuple((tuple(validate_selected_layers(layers, num_layers)), float(t)) for layers, t in pairs),
         )
 
-
-def __getattr__(name: str) -> Any:
-    # TRANSITIONAL: calibrate and default_placements moved to aletheia_lora.calibrate (they need
-    # apply_aletheia_lora). Remove this once plan.py imports them from there: until then it is the one import cycle
-    # cost -> calibrate -> cost, left visible on purpose.
-    if name in ("calibrate", "default_placements"):
-        from aletheia_lora import calibrate as module
-
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,12 +30,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
-from aletheia_lora.config import apply_aletheia_lora
+from aletheia_lora.checks import check_bool, check_choice, check_int
 from aletheia_lora.data import IGNORE_INDEX
-from aletheia_lora.layers import find_decoder_stack, unwrap_model
-from aletheia_lora.probe import LayerScores, gradient_probe
-from aletheia_lora.ranks import BY, RankAllocation, allocate_for_config
-from aletheia_lora.select import describe_selection
+from aletheia_lora.layers import DecoderStack, find_decoder_stack, unwrap_model
+from aletheia_lora.plan import DEFAULT_SEQ_LEN, Plan, make_plan
+from aletheia_lora.probe import LayerScores
+from aletheia_lora.ranks import BY, RankAllocation
+from aletheia_lora.select import Selection
 from aletheia_lora.train import (
     EMBEDDINGS,
     BackwardDepthMonitor,
@@ -48,8 +48,6 @@ from aletheia_lora.train import (
 logger = logging.getLogger(__name__)
 
 RANK_ALLOCATIONS = ("uniform", "scores")
-# Sequence length the cost model assumes when the data gives none.
-_DEFAULT_SEQ_LEN = 128
 
 
 @dataclass
@@ -57,38 +55,57 @@ class AletheiaReport:
     """What :func:`configure_aletheia_lora` measured and chose, and what :class:`AletheiaCallback` saw.
 
     Attributes:
-        layer_scores: The probe's per-block scores.
-        selected_layers: The adapted blocks, sorted.
-        selection: :func:`describe_selection` of the choice: score share, predicted speedup, alternatives.
-        lora_config: The PEFT config adapting only the selected blocks.
-        rank_allocation: Per-block ranks when ``rank_allocation="scores"``, else None.
+        plan: The :class:`~aletheia_lora.plan.Plan`: scores, :class:`~aletheia_lora.select.Selection`, LoRA
+            config, cost model and rank allocation. Its parts are also read as ``layer_scores``,
+            ``selected_layers``, ``selection``, ``lora_config`` and ``rank_allocation``.
         trainable_parameters: Trainable parameters once wrapped (set by :func:`prepare_aletheia_model`).
         lowest_layer_reached: Lowest block the backward passes reached during training (``-1``: the
             embeddings), set by :class:`AletheiaCallback`; it should equal ``selected_layers[0]``.
         backward_depths: ``(step, lowest block reached)`` for each training step, set by the callback.
     """
 
-    layer_scores: LayerScores
-    selected_layers: list[int]
-    selection: dict
-    lora_config: LoraConfig
-    rank_allocation: RankAllocation | None = None
+    plan: Plan
     trainable_parameters: int | None = None
     lowest_layer_reached: int | None = None
     backward_depths: list[tuple[int, int | None]] = field(default_factory=list)
 
     @property
+    def layer_scores(self) -> LayerScores:
+        """The probe's per-block scores."""
+        return self.plan.scores
+
+    @property
+    def selected_layers(self) -> list[int]:
+        """The adapted blocks, sorted."""
+        return list(self.plan.selection.layers)
+
+    @property
+    def selection(self) -> Selection:
+        """The :class:`~aletheia_lora.select.Selection`: score share, predicted speedup, alternatives."""
+        return self.plan.selection
+
+    @property
+    def lora_config(self) -> LoraConfig:
+        """The PEFT config adapting only the selected blocks."""
+        return self.plan.lora_config
+
+    @property
+    def rank_allocation(self) -> RankAllocation | None:
+        """Per-block ranks when ``rank_allocation="scores"``, else None."""
+        return self.plan.rank_allocation
+
+    @property
     def predicted_speedup(self) -> float:
         """Predicted step-time ratio of LoRA on every block to LoRA on the selected ones."""
-        return float(self.selection["predicted_speedup"])
+        return float(self.plan.selection.predicted_speedup)
 
     def to_dict(self) -> dict:
         """A JSON-ready summary."""
         return {
             "layer_scores": {str(k): float(v) for k, v in sorted(self.layer_scores.items())},
             "probe": dict(self.layer_scores.meta),
-            "selected_layers": list(self.selected_layers),
-            "selection": self.selection,
+            "selected_layers": self.selected_layers,
+            "selection": self.selection.to_dict(),
             "rank_allocation": self.rank_allocation.to_dict() if self.rank_allocation is not None else None,
             "trainable_parameters": self.trainable_parameters,
             "lowest_layer_reached": self.lowest_layer_reached,
@@ -96,9 +113,10 @@ class AletheiaReport:
 
     def summary(self) -> str:
         """A few human-readable lines: the selection, its score share and predicted speedup, the ranks."""
+        selection = self.plan.selection
         lines = [
-            f"selected layers ({self.selection['strategy']}): {self.selected_layers}",
-            f"probe score captured: {self.selection['score_share']:.1%}; "
+            f"selected layers ({selection.strategy}): {self.selected_layers}",
+            f"probe score captured: {selection.score_share:.1%}; "
             f"predicted speedup over LoRA on all layers: {self.predicted_speedup:.2f}x",
         ]
         if self.rank_allocation is not None:
@@ -197,14 +215,6 @@ def _probe_dataset(train_dataset, tokenizer, max_length: int):
     return _TokenizedView(train_dataset, tokenizer, max_length)
 
 
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def configure_aletheia_lora(
     model: nn.Module,
     train_dataset,
@@ -252,8 +262,8 @@ def configure_aletheia_lora(
         probe_batch_size: Rows per probe batch.
         metric: Probe metric, as :func:`gradient_probe`.
         seed: Seed of the probe's batch sampling.
-        seq_len: Sequence length for the predicted speedup; default: the length of the first row (128 for an
-            iterable dataset).
+        seq_len: Sequence length for the predicted speedup; default: the length of the first row (for an
+            iterable dataset, :data:`aletheia_lora.plan.DEFAULT_SEQ_LEN`).
         batch_size: Training batch size for the predicted speedup.
         progress: Show the probe's progress bar.
         **lora_kwargs: Passed to :func:`apply_aletheia_lora` (``target_modules``, ``attention_r``, ``mlp_r``,
@@ -267,57 +277,36 @@ def configure_aletheia_lora(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, PeftModel):
         raise TypeError("model is already a PeftModel; pass the base model (model.get_base_model())")
-    max_length = _check_int("max_length", max_length, 2)
-    if not isinstance(rank_allocation, str) or rank_allocation not in RANK_ALLOCATIONS:
-        raise ValueError(f"rank_allocation must be one of {list(RANK_ALLOCATIONS)}, got {rank_allocation!r}")
-    if not isinstance(rank_by, str) or rank_by not in BY:
-        raise ValueError(f"rank_by must be one of {list(BY)}, got {rank_by!r}")
-    if rank_allocation == "scores" and (lora_kwargs.get("attention_r") or lora_kwargs.get("mlp_r")):
-        raise ValueError(
-            "rank_allocation='scores' sets every module's rank; it cannot be combined with attention_r/mlp_r"
-        )
-    if seq_len is not None:
-        seq_len = _check_int("seq_len", seq_len)
-    batch_size = _check_int("batch_size", batch_size)
+    max_length = check_int("max_length", max_length, minimum=2)
+    check_choice("rank_allocation", rank_allocation, RANK_ALLOCATIONS)
+    check_choice("rank_by", rank_by, BY)
+    seq_len = check_int("seq_len", seq_len, minimum=1, allow_none=True)
+    batch_size = check_int("batch_size", batch_size, minimum=1)
     dataset = _probe_dataset(train_dataset, tokenizer, max_length)
     stack = find_decoder_stack(model)
-    if layer_scores is None:
-        scores = gradient_probe(
-            model,
-            dataset,
-            probe_batches=probe_batches,
-            batch_size=probe_batch_size,
-            metric=metric,
-            seed=seed,
-            progress=progress,
-        )
-    else:
+    if layer_scores is not None:
         if not isinstance(layer_scores, Mapping):
             raise TypeError(f"layer_scores must map layer index -> score, got {type(layer_scores).__name__}")
-        scores = layer_scores if isinstance(layer_scores, LayerScores) else LayerScores(layer_scores)
-        if sorted(scores) != list(range(stack.num_layers)):
+        if sorted(layer_scores) != list(range(stack.num_layers)):
             raise ValueError(
-                f"layer_scores covers layers {sorted(scores)}; the model has {stack.num_layers} blocks (0..."
+                f"layer_scores covers layers {sorted(layer_scores)}; the model has {stack.num_layers} blocks (0..."
                 f"{stack.num_layers - 1})"
             )
-    if seq_len is None:
-        seq_len = len(dataset[0]["input_ids"]) if isinstance(dataset, _TokenizedView) else _DEFAULT_SEQ_LEN
-    selection = describe_selection(
-        scores,
-        model=model,
+    if seq_len is None:  # the rows' own length when they can be read; else the plan's default
+        seq_len = len(dataset[0]["input_ids"]) if isinstance(dataset, _TokenizedView) else DEFAULT_SEQ_LEN
+    plan = make_plan(
+        model,
+        dataset,
+        probe={"probe_batches": probe_batches, "batch_size": probe_batch_size, "metric": metric, "seed": seed},
+        select={"top_pct": top_pct, "top_k": top_k, "strategy": strategy, "target_speedup": target_speedup},
+        lora={"r": r, "lora_alpha": lora_alpha, **lora_kwargs, "rank_allocation": rank_allocation, "rank_by": rank_by},
         seq_len=max(seq_len, 1),
         batch_size=batch_size,
-        top_pct=top_pct,
-        top_k=top_k,
-        strategy=strategy,
-        target_speedup=target_speedup,
+        scores=layer_scores,
+        progress=progress,
+        stack=stack,
     )
-    layers = list(selection["selected_layers"])
-    config = apply_aletheia_lora(model, layers, r=r, lora_alpha=lora_alpha, **lora_kwargs)
-    allocation = None
-    if rank_allocation == "scores":
-        config, allocation = allocate_for_config(model, config, scores, by=rank_by)
-    report = AletheiaReport(scores, layers, selection, config, allocation)
+    report = AletheiaReport(plan)
     logger.info("aletheia: %s", report.summary().replace("\n", "; "))
     return report
 
@@ -366,10 +355,9 @@ def _reentrant(args) -> bool:
     return bool(isinstance(kwargs, Mapping) and kwargs.get("use_reentrant", False))
 
 
-def _layer_parameters(model: nn.Module) -> list[tuple[int, nn.Parameter]]:
+def _layer_parameters(model: nn.Module, stack: DecoderStack) -> list[tuple[int, nn.Parameter]]:
     """``(block, parameter)`` for every parameter of a block, and ``(EMBEDDINGS, parameter)`` for the input
     embeddings; a head or final norm is left out, since it sits above the blocks."""
-    stack = find_decoder_stack(model)
     base = unwrap_model(model)
     embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     pairs = [(EMBEDDINGS, p) for p in embeddings.parameters()] if isinstance(embeddings, nn.Module) else []
@@ -405,10 +393,8 @@ class AletheiaCallback(TrainerCallback):
     def __init__(self, report: AletheiaReport | None = None, *, remove_input_grad_hooks: bool = True) -> None:
         if report is not None and not isinstance(report, AletheiaReport):
             raise TypeError(f"report must be an AletheiaReport or None, got {type(report).__name__}")
-        if not isinstance(remove_input_grad_hooks, bool):
-            raise TypeError(f"remove_input_grad_hooks must be True or False, got {remove_input_grad_hooks!r}")
         self.report = report
-        self.remove_input_grad_hooks = remove_input_grad_hooks
+        self.remove_input_grad_hooks = check_bool("remove_input_grad_hooks", remove_input_grad_hooks)
         self.expected_lowest: int | None = None
         self.lowest_layer_reached: int | None = None
         self.backward_depths: list[tuple[int, int | None]] = []
@@ -441,11 +427,12 @@ class AletheiaCallback(TrainerCallback):
                     hooks,
                 )
         # mapped once: the requires_grad flags are read each step, as re-probing may move the trainable blocks
-        self._layer_parameters = _layer_parameters(model)
+        stack = find_decoder_stack(model)
+        self._layer_parameters = _layer_parameters(model, stack)
         self.expected_lowest = _lowest_trainable_layer(self._layer_parameters)
         if self.report is not None and state.is_world_process_zero:
             logger.info("aletheia: %s", self.report.summary().replace("\n", "; "))
-        self._monitor = BackwardDepthMonitor(model).__enter__()
+        self._monitor = BackwardDepthMonitor(model, stack).__enter__()
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self._monitor is not None:

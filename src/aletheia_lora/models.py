@@ -28,6 +28,8 @@ from urllib.parse import urlparse
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from aletheia_lora.checks import check_bool, check_int
+
 logger = logging.getLogger(__name__)
 
 BUNDLED_MODEL = "smollm2-135m"
@@ -256,8 +258,7 @@ def load_model_and_tokenizer(
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
         raise ValueError(f"name_or_path must be a model name, a folder or a Hub id, got {name_or_path!r}")
     # Only a real True runs code shipped with a checkpoint: a truthy string from a config file is a mistake.
-    if not isinstance(trust_remote_code, bool):
-        raise TypeError(f"trust_remote_code must be True or False, got {trust_remote_code!r}")
+    check_bool("trust_remote_code", trust_remote_code)
     torch_dtype = resolve_dtype(dtype)
     target_device = None
     if device is not None:
@@ -324,6 +325,13 @@ class ModelConfig:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run code shipped with a checkpoint (off unless asked)."}
     )
+    dist_timeout: int = field(
+        default=1800,
+        metadata={
+            "help": "Multi-process runs (torchrun, accelerate launch): seconds a rank waits for the others "
+            "in a collective before it fails instead of hanging."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -339,6 +347,7 @@ class ModelConfig:
                 torch.device(self.device)
             except (RuntimeError, TypeError):
                 raise ValueError(f"--device must be a torch device such as cpu or cuda, got {self.device!r}") from None
+        check_int("--dist-timeout", self.dist_timeout, minimum=1)
 
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """Load the model (on ``device``, else on CUDA when available) and its tokenizer."""

@@ -5,16 +5,15 @@ from __future__ import annotations
 import logging
 import platform
 import statistics
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from aletheia_lora.config import LoraSettings, apply_aletheia_lora
-from aletheia_lora.cost import Calibration, CostModel, calibrate
-from aletheia_lora.data import DataConfig, build_datasets, check_max_length, pad_collate
+from aletheia_lora.config import LoraSettings
+from aletheia_lora.cost import Calibration, CostModel
+from aletheia_lora.data import DataConfig, build_datasets, check_max_length
 from aletheia_lora.distributed import (
     fail_together,
     fsdp1_units,
@@ -24,12 +23,13 @@ from aletheia_lora.distributed import (
     on_main_process,
 )
 from aletheia_lora.files import prepare_output_dir, write_json
-from aletheia_lora.layers import find_decoder_stack
+from aletheia_lora.layers import DecoderStack, find_decoder_stack
 from aletheia_lora.models import ModelConfig
+from aletheia_lora.plan import choose_layers, lora_config_for, selection_cost
 from aletheia_lora.plots import plot_layer_scores, plot_loss_curves, plot_reprobe_history
-from aletheia_lora.probe import LayerScores, ProbeConfig, gradient_probe
+from aletheia_lora.probe import LayerScores, ProbeConfig
 from aletheia_lora.reprobe import ReprobeCallback
-from aletheia_lora.select import SelectConfig, describe_selection
+from aletheia_lora.select import SelectConfig, Selection
 from aletheia_lora.train import EMBEDDINGS, TrainConfig, evaluate_loss, train_lora
 
 logger = logging.getLogger(__name__)
@@ -63,68 +63,65 @@ def versions() -> dict[str, str]:
     }
 
 
-def selection_cost(model, train_rows, config: RunConfig, pad_token_id: int = 0) -> CostModel | Calibration:
-    """What predicts the speedups of a selection: the model's FLOP count at the shape the run trains with, or,
-    with ``--calibrate``, LoRA steps timed on this hardware at that shape (before any adapter exists)."""
-    shape = {"seq_len": config.data.max_length, "batch_size": config.train.batch_size}
-    if not config.probe.calibrate:
-        return CostModel.from_model(model, **shape)
-    if is_distributed():
-        raise ValueError(
-            "--calibrate times steps in one process: timings differ between ranks, and so could their selections"
-        )
-    if config.train.gradient_checkpointing:
-        logger.warning("--calibrate times steps without gradient checkpointing; the run trains with it")
-    rows = [train_rows[i] for i in range(min(len(train_rows), config.train.batch_size))]
-    batch = pad_collate(rows, pad_token_id)
-    logger.info("calibrating: timing LoRA steps of %d x %d tokens", *batch["input_ids"].shape)
-    lora = config.lora
-    start = time.perf_counter()
-    calibration = calibrate(model, batch, r=int(lora.r), target_modules=lora.target_modules)
-    logger.info("calibrated in %.1f s: %s", time.perf_counter() - start, calibration.description)
-    return calibration
+def _shape(config: RunConfig) -> dict:
+    """The training step's shape, at which the cost model prices a selection."""
+    return {"seq_len": config.data.max_length, "batch_size": config.train.batch_size}
 
 
-def _describe(scores, model, config: RunConfig, cost) -> dict:
-    shape = {"seq_len": config.data.max_length, "batch_size": config.train.batch_size}
-    selection = describe_selection(scores, model=model, **shape, cost=cost, **config.select.kwargs())
-    if isinstance(cost, Calibration):
-        selection["calibration"] = {
-            "fixed_s": cost.fixed_s,
-            "per_backward_block_s": cost.per_backward_block_s,
-            "per_adapted_block_s": cost.per_adapted_block_s,
-            "timings": [{"layers": list(layers), "seconds": seconds} for layers, seconds in cost.timings],
-        }
-    return selection
+def _cost(model, train_rows, config: RunConfig, pad_token_id: int, stack: DecoderStack) -> CostModel | Calibration:
+    return selection_cost(
+        model,
+        train_rows,
+        **_shape(config),
+        calibrate=config.select.calibrate,
+        lora=config.lora,
+        gradient_checkpointing=config.train.gradient_checkpointing,
+        pad_token_id=pad_token_id,
+        stack=stack,
+    )
 
 
 def probe_and_select(
-    model, train_rows, config: RunConfig, out_dir: Path | None, *, progress: bool = True, pad_token_id: int = 0
+    model,
+    train_rows,
+    config: RunConfig,
+    out_dir: Path | None,
+    *,
+    progress: bool = True,
+    pad_token_id: int = 0,
+    stack: DecoderStack | None = None,
 ) -> dict:
     """Probe the model, select layers, and (with ``out_dir``) write scores.json, selection.json, layer_scores.png.
 
-    Returns ``{"scores", "selection", "cost"}``; ``cost`` is :func:`selection_cost`'s.
+    Returns ``{"scores", "selection", "cost"}``: the :class:`LayerScores`, the :class:`Selection` and what
+    predicted its speedups (:func:`~aletheia_lora.plan.selection_cost`).
     """
-    cost = selection_cost(model, train_rows, config, pad_token_id)
-    start = time.perf_counter()
-    scores = gradient_probe(model, train_rows, progress=progress, **config.probe.kwargs())
-    probe_seconds = time.perf_counter() - start
-    selection = _describe(scores, model, config, cost)
-    selection["probe_seconds"] = probe_seconds
+    scores, selection, cost = choose_layers(
+        model,
+        train_rows,
+        probe=config.probe,
+        select=config.select,
+        lora=config.lora,
+        **_shape(config),
+        gradient_checkpointing=config.train.gradient_checkpointing,
+        pad_token_id=pad_token_id,
+        progress=progress,
+        stack=stack,
+    )
     if out_dir is not None:
         on_main_process(_write_probe_outputs, scores, selection, Path(out_dir))
     return {"scores": scores, "selection": selection, "cost": cost}
 
 
-def _write_probe_outputs(scores: LayerScores, selection: dict, out_dir: Path) -> None:
+def _write_probe_outputs(scores: LayerScores, selection: Selection, out_dir: Path) -> None:
     scores.to_json(out_dir / "scores.json")
-    write_json(out_dir / "selection.json", selection)
+    write_json(out_dir / "selection.json", selection.to_dict())
     plot_layer_scores(
         scores,
-        selection["selected_layers"],
+        list(selection.layers),
         out_dir / "layer_scores.png",
         metric=scores.meta.get("metric", "grad_norm"),
-        title=f"{scores.meta.get('model_type', '')}: probe scores, {selection['strategy']} selection",
+        title=f"{scores.meta.get('model_type', '')}: probe scores, {selection.strategy} selection",
     )
 
 
@@ -135,15 +132,21 @@ def prepare_run_dir(out_dir: str | Path, *, overwrite: bool = False, resume: boo
 
 def run_probe(config: RunConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> dict:
     """What `aletheia-lora probe` does: load, probe and select, writing scores.json, selection.json and
-    layer_scores.png; under torchrun/accelerate the ranks share the probe batches and rank 0 writes."""
-    with launched_job(config.train.dist_timeout):
+    layer_scores.png; under torchrun/accelerate the ranks share the probe batches and rank 0 writes.
+
+    Returns :func:`probe_and_select`'s ``{"scores", "selection", "cost"}``; ``selection`` is a :class:`Selection`.
+    """
+    with launched_job(config.model.dist_timeout):
         out = prepare_run_dir(out_dir, overwrite=overwrite)
         model, tokenizer = fail_together(config.model.load)
+        stack = find_decoder_stack(model)
         check_max_length(config.data.max_length, model)
         data = replace(config.data, general_data=None)
         train_rows = fail_together(lambda: build_datasets(data, tokenizer)[0])
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return probe_and_select(model, train_rows, config, out, progress=progress, pad_token_id=pad_token_id)
+        return probe_and_select(
+            model, train_rows, config, out, progress=progress, pad_token_id=pad_token_id, stack=stack
+        )
 
 
 def _eval_all(model, eval_rows, general_rows, batch_size: int, pad_token_id: int) -> dict:
@@ -181,11 +184,11 @@ def run_pipeline(
         The report written to metrics.json (the same on every rank).
 
     Under ``torchrun`` or ``accelerate launch`` every rank runs this: the process group is initialised from
-    the launcher's environment (with ``config.train.dist_timeout``), the ranks share the probe and evaluation
+    the launcher's environment (with ``config.model.dist_timeout``), the ranks share the probe and evaluation
     batches and reduce them, so all select the same layers; the Trainer trains with DDP; rank 0 alone writes
     files. An error on one rank is raised on all of them at the next check point, or ends their collectives.
     """
-    with launched_job(config.train.dist_timeout):
+    with launched_job(config.model.dist_timeout):
         return _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_file)
 
 
@@ -223,20 +226,22 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
     if layers is not None:
         if config.lora.rank_allocation == "scores":
             raise ValueError("--rank-allocation scores needs probe scores: drop --layers, or give --scores")
-        selection = {"strategy": "given", "selected_layers": sorted(layers), "probe_seconds": 0.0}
-        on_main_process(write_json, out / "selection.json", selection)
+        selection = Selection.given(layers)
+        on_main_process(write_json, out / "selection.json", selection.to_dict())
     elif scores_file is not None:
         # rank 0 reads the file and hands the selection to all: every rank trains the same layers
-        cost = selection_cost(model, train_rows, config, pad_token_id)
-        selection = on_main_process(_select_from_file, scores_file, model, stack.num_layers, config, cost)
-        on_main_process(write_json, out / "selection.json", selection)
+        cost = _cost(model, train_rows, config, pad_token_id, stack)
+        selection = on_main_process(_select_from_file, scores_file, model, stack, config, cost)
+        on_main_process(write_json, out / "selection.json", selection.to_dict())
         if config.lora.rank_allocation == "scores":
             scores = LayerScores.from_json(scores_file)
     else:
-        probed = probe_and_select(model, train_rows, config, out, progress=progress, pad_token_id=pad_token_id)
+        probed = probe_and_select(
+            model, train_rows, config, out, progress=progress, pad_token_id=pad_token_id, stack=stack
+        )
         scores, selection, cost = probed["scores"], probed["selection"], probed["cost"]
-    report["selection"] = selection
-    selected = selection["selected_layers"]
+    report["selection"] = selection.to_dict()
+    selected = list(selection.layers)
     logger.info("adapting layers %s", selected)
 
     callbacks = []
@@ -252,9 +257,9 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
                 "parameters train when they wrap the model"
             )
         # adapters on every block; the callback trains the selected ones and moves them at each re-probe
-        lora_config = apply_aletheia_lora(model, list(range(stack.num_layers)), **config.lora.kwargs())
+        lora_config, _ = lora_config_for(model, selected, config.lora, every_block=True, stack=stack)
         if cost is None:  # --layers: no selection was costed yet
-            cost = selection_cost(model, train_rows, config, pad_token_id)
+            cost = _cost(model, train_rows, config, pad_token_id, stack)
         reprobing = ReprobeCallback(
             train_rows,
             config.train.reprobe_every,
@@ -268,7 +273,7 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
         )
         callbacks.append(reprobing)
     else:
-        lora_config = apply_aletheia_lora(model, selected, layer_scores=scores, **config.lora.kwargs())
+        lora_config, _ = lora_config_for(model, selected, config.lora, scores=scores, stack=stack)
     result = train_lora(
         model,
         lora_config,
@@ -279,6 +284,8 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
         pad_token_id=pad_token_id,
         resume=resume,
         callbacks=callbacks,
+        dist_timeout=config.model.dist_timeout,
+        stack=stack,
     )
     if callbacks:
         report["reprobe"] = reprobing.summary()
@@ -318,12 +325,13 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
     return on_main_process(_write_report, report, out, f"{stack.model_type}: LoRA on {len(selected)} layers")
 
 
-def _select_from_file(scores_file, model, num_layers: int, config: RunConfig, cost) -> dict:
+def _select_from_file(scores_file, model, stack: DecoderStack, config: RunConfig, cost) -> Selection:
     scores = LayerScores.from_json(scores_file)
-    if len(scores) != num_layers:
-        raise ValueError(f"--scores {str(scores_file)!r} has {len(scores)} layers, the model {num_layers}")
-    selection = _describe(scores, model, config, cost)
-    selection["probe_seconds"] = 0.0
+    if len(scores) != stack.num_layers:
+        raise ValueError(f"--scores {str(scores_file)!r} has {len(scores)} layers, the model {stack.num_layers}")
+    _, selection, _ = choose_layers(
+        model, None, select=config.select, **_shape(config), scores=scores, cost=cost, stack=stack
+    )
     return selection
 
 
@@ -339,15 +347,15 @@ def _write_report(report: dict, out: Path, title: str) -> dict:
 
 def summary_table(report: dict) -> str:
     """A short plain-text summary of a run for the terminal."""
-    sel = report["selection"]
+    sel = Selection.from_dict(report["selection"])
     lines = [
         f"model           {report['model']} ({report['model_type']}, {report['num_layers']} layers)",
-        f"selected        {len(sel['selected_layers'])} layers ({sel['strategy']}): {sel['selected_layers']}",
+        f"selected        {len(sel.layers)} layers ({sel.strategy}): {list(sel.layers)}",
     ]
-    if "score_share" in sel:
-        lines.append(f"score captured  {sel['score_share']:.1%} of the total probe score")
-    if "predicted_speedup" in sel:
-        lines.append(f"predicted       {sel['predicted_speedup']:.2f}x faster per step than LoRA on all layers")
+    if sel.score_share is not None:
+        lines.append(f"score captured  {sel.score_share:.1%} of the total probe score")
+    if sel.predicted_speedup is not None:
+        lines.append(f"predicted       {sel.predicted_speedup:.2f}x faster per step than LoRA on all layers")
     if "reprobe" in report:
         reprobe = report["reprobe"]
         lines.append(

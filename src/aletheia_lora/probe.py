@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from aletheia_lora.checks import check_bool, check_choice, check_int
 from aletheia_lora.data import IGNORE_INDEX, check_max_length, pad_collate
 from aletheia_lora.distributed import (
     agree,
@@ -34,7 +35,7 @@ from aletheia_lora.distributed import (
     is_sharded_model,
 )
 from aletheia_lora.files import write_json
-from aletheia_lora.layers import block_parameters, find_decoder_stack, unwrap_model
+from aletheia_lora.layers import DecoderStack, block_parameters, resolve_stack, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -67,25 +68,12 @@ class ProbeConfig:
         default="grad_norm", metadata={"help": "Probe score: " + "; ".join(f"{k}: {v}" for k, v in METRICS.items())}
     )
     probe_seed: int = field(default=42, metadata={"help": "Seed of the probe's batch sampling."})
-    calibrate: bool = field(
-        default=False,
-        metadata={
-            "help": "Predict speedups from a few LoRA steps timed on this hardware (3 placements x 4 steps at the "
-            "training batch) instead of the FLOP count, which misses what small rank-r products cost on a CPU"
-        },
-    )
 
     def __post_init__(self) -> None:
         for name in ("probe_batches", "probe_batch_size", "chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.metric not in METRICS:
-            raise ValueError(f"--metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
-        if isinstance(self.probe_seed, bool) or not isinstance(self.probe_seed, numbers.Integral):
-            raise ValueError(f"--probe-seed must be an integer, got {self.probe_seed!r}")
-        if not isinstance(self.calibrate, bool):
-            raise TypeError(f"--calibrate must be true or false, got {self.calibrate!r}")
+            check_int("--" + name.replace("_", "-"), getattr(self, name), minimum=1)
+        check_choice("--metric", self.metric, METRICS)
+        check_int("--probe-seed", self.probe_seed)
 
     def kwargs(self) -> dict:
         """Keyword arguments for :func:`gradient_probe`."""
@@ -137,15 +125,6 @@ class LayerScores(dict):
             scores[layer] = float(value)
         meta = payload.get("meta", {}) if "scores" in payload else {}
         return cls(scores, meta if isinstance(meta, dict) else {})
-
-
-def _check_positive_int(name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _take_rows(dataset, n_rows: int, seed: int) -> list:
@@ -320,6 +299,7 @@ def gradient_probe(
     pad_token_id: int | None = None,
     progress: bool = True,
     distributed: bool | None = None,
+    stack: DecoderStack | None = None,
 ) -> LayerScores:
     """Score every decoder block by the gradient its weights receive on a few batches of the task.
 
@@ -354,6 +334,7 @@ def gradient_probe(
         distributed: Share the batches among the ranks of the initialised process group and reduce the
             scores (None: whenever one with several ranks is initialised); False probes every batch in this
             process alone, with no collective call (e.g. when only rank 0 probes).
+        stack: The model's decoder stack (:func:`find_decoder_stack`), when the caller has found it already.
 
     Returns:
         Block index -> score (summed over batches), with ``meta`` describing the run (``world_size``: how
@@ -361,31 +342,26 @@ def gradient_probe(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_positive_int("num_layers", num_layers, allow_none=True)
-    _check_positive_int("probe_batches", probe_batches)
-    _check_positive_int("chunk_size", chunk_size)
-    _check_positive_int("batch_size", batch_size)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
+    check_int("num_layers", num_layers, minimum=1, allow_none=True, expected="a positive integer")
+    for name, value in (("probe_batches", probe_batches), ("chunk_size", chunk_size), ("batch_size", batch_size)):
+        check_int(name, value, minimum=1)
+    check_int("seed", seed)
     if not 0 <= seed < 2**64:  # what torch.Generator.manual_seed accepts
         raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
-    if not isinstance(metric, str) or metric not in METRICS:
-        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    check_choice("metric", metric, sorted(METRICS))
     if compute_dtype is not None and not isinstance(compute_dtype, torch.dtype):
         raise TypeError(f"compute_dtype must be a torch.dtype or None, got {compute_dtype!r}")
     if compute_dtype is not None and not compute_dtype.is_floating_point:
         raise ValueError(f"compute_dtype must be a floating-point dtype, got {compute_dtype}")
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be True or False, got {progress!r}")
-    if distributed is not None and not isinstance(distributed, bool):
-        raise TypeError(f"distributed must be True, False or None, got {distributed!r}")
+    check_bool("progress", progress)
+    check_bool("distributed", distributed, allow_none=True)
     # FSDP1 flat parameters are plain Parameters marked with _is_flat_param (a metaclass makes isinstance work)
     if any(getattr(p, "_is_flat_param", False) or type(p).__name__ == "FlatParameter" for p in model.parameters()):
         raise ValueError(
             "an FSDP model wrapped with use_orig_params=False hides its weights in flat parameters: "
             "wrap it with use_orig_params=True (accelerate: fsdp_use_orig_params: true)"
         )
-    stack = find_decoder_stack(model)
+    stack = resolve_stack(model, stack)
     if num_layers is not None and num_layers != stack.num_layers:
         raise ValueError(
             f"num_layers={num_layers} does not match the model: {stack.path} holds {stack.num_layers} blocks"

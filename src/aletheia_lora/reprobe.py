@@ -20,8 +20,8 @@ trainable parameters when they wrap the model.
 
 from __future__ import annotations
 
+import json
 import logging
-import numbers
 import os
 import time
 from collections.abc import Sequence
@@ -32,18 +32,19 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import TrainerCallback
 
-from aletheia_lora.config import validate_selected_layers
+from aletheia_lora.checks import check_int, validate_selected_layers
 from aletheia_lora.files import write_json
-from aletheia_lora.layers import find_decoder_stack
-from aletheia_lora.probe import LayerScores, ProbeConfig, gradient_probe
+from aletheia_lora.layers import DecoderStack, find_decoder_stack, resolve_stack
+from aletheia_lora.plan import probe_scores
+from aletheia_lora.probe import LayerScores, ProbeConfig
 from aletheia_lora.select import SelectConfig, select_layers
 
 logger = logging.getLogger(__name__)
 
 
-def _adapter_modules(model: nn.Module) -> list[list[BaseTunerLayer]]:
+def _adapter_modules(model: nn.Module, stack: DecoderStack | None = None) -> list[list[BaseTunerLayer]]:
     """Per decoder block, its PEFT adapter layers."""
-    stack = find_decoder_stack(model)
+    stack = resolve_stack(model, stack)
     return [[m for m in block.modules() if isinstance(m, BaseTunerLayer)] for block in stack.blocks]
 
 
@@ -59,17 +60,20 @@ def _has_learned(module: BaseTunerLayer) -> bool:
     return False
 
 
-def uncovered_layers(model: nn.Module) -> list[int]:
+def uncovered_layers(model: nn.Module, *, stack: DecoderStack | None = None) -> list[int]:
     """Decoder blocks of ``model`` that hold no PEFT adapter (re-probing needs adapters on every block)."""
-    return [i for i, modules in enumerate(_adapter_modules(model)) if not modules]
+    return [i for i, modules in enumerate(_adapter_modules(model, stack)) if not modules]
 
 
-def set_trainable_layers(model: nn.Module, layers: Sequence[int]) -> dict[str, list[int]]:
+def set_trainable_layers(
+    model: nn.Module, layers: Sequence[int], *, stack: DecoderStack | None = None
+) -> dict[str, list[int]]:
     """Train the adapters of ``layers`` only: freeze the other blocks' adapters, switch off those never trained.
 
     Args:
         model: A PeftModel (or a wrapper of one) with LoRA on every block ``layers`` names.
         layers: The blocks whose adapters train from now on.
+        stack: The model's decoder stack, when already found.
 
     Returns:
         ``{"trainable": [...], "frozen": [...], "disabled": [...]}``: the blocks in each state. Frozen blocks
@@ -79,7 +83,7 @@ def set_trainable_layers(model: nn.Module, layers: Sequence[int]) -> dict[str, l
     Raises:
         ValueError: bad ``layers`` (named by value), or a block in ``layers`` without an adapter.
     """
-    per_block = _adapter_modules(model)
+    per_block = _adapter_modules(model, stack)
     chosen = set(validate_selected_layers(layers, len(per_block)))
     missing = sorted(i for i in chosen if not per_block[i])
     if missing:
@@ -106,7 +110,12 @@ def set_trainable_layers(model: nn.Module, layers: Sequence[int]) -> dict[str, l
 
 
 def move_adapters(
-    model: nn.Module, layers: Sequence[int], *, before: Sequence[int] | None = None, scores=None
+    model: nn.Module,
+    layers: Sequence[int],
+    *,
+    before: Sequence[int] | None = None,
+    scores=None,
+    stack: DecoderStack | None = None,
 ) -> dict:
     """:func:`set_trainable_layers`, described as one entry of a re-probing history.
 
@@ -115,12 +124,13 @@ def move_adapters(
         layers: The blocks that train from now on.
         before: The blocks that trained until now (None at the start: nothing moved in or out).
         scores: The probe scores the move follows, if any.
+        stack: The model's decoder stack, when already found.
 
     Returns:
         ``layers``, ``moved_in``, ``moved_out``, ``frozen`` (blocks that keep what they learned) and ``scores``
         (block as a string -> score, or None).
     """
-    states = set_trainable_layers(model, layers)
+    states = set_trainable_layers(model, layers, stack=stack)
     moved = before is not None
     return {
         "layers": list(layers),
@@ -141,8 +151,10 @@ def reselect(
     cost=None,
     pad_token_id: int | None = None,
     progress: bool = False,
+    stack: DecoderStack | None = None,
 ) -> tuple[LayerScores, list[int], float]:
-    """Probe ``model`` as it is now (adapters applied) and select layers again.
+    """Probe ``model`` as it is now (adapters applied) and select layers again, with the plan's probe
+    (:func:`~aletheia_lora.plan.probe_scores`) and the selection rule of :func:`select_layers`.
 
     Args:
         model: The model being trained (e.g. a PeftModel); left as found by the probe.
@@ -153,18 +165,16 @@ def reselect(
         cost: What predicts speedups for ``strategy="truncation"`` (see :func:`select_layers`).
         pad_token_id: Padding id of the rows.
         progress: Show the probe's progress bar.
+        stack: The model's decoder stack, when already found.
 
     Returns:
         The scores, the selected layers and the seconds the probe and selection took.
     """
-    select = select or SelectConfig()
-    probe = probe or ProbeConfig()
-    kwargs = probe.kwargs()
-    if seed is not None:
-        kwargs["seed"] = seed
     start = time.perf_counter()
-    scores = gradient_probe(model, dataset, pad_token_id=pad_token_id, progress=progress, **kwargs)
-    layers = select_layers(scores, cost=cost, **select.kwargs())
+    scores, _ = probe_scores(
+        model, dataset, probe or ProbeConfig(), seed=seed, pad_token_id=pad_token_id, progress=progress, stack=stack
+    )
+    layers = select_layers(scores, cost=cost, **(select or SelectConfig()).kwargs())
     return scores, layers, time.perf_counter() - start
 
 
@@ -202,18 +212,18 @@ class ReprobeCallback(TrainerCallback):
         history_path: str | os.PathLike | None = None,
         progress: bool = False,
     ) -> None:
-        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
-            raise ValueError(f"every (--reprobe-every) must be a positive integer, got {every!r}")
+        every = check_int("every (--reprobe-every)", every, minimum=1)
         if select is not None and not isinstance(select, SelectConfig):
             raise TypeError(f"select must be a SelectConfig, got {type(select).__name__}")
         if probe is not None and not isinstance(probe, ProbeConfig):
             raise TypeError(f"probe must be a ProbeConfig, got {type(probe).__name__}")
-        self.dataset, self.every = dataset, int(every)
+        self.dataset, self.every = dataset, every
         self.layers = None if layers is None else validate_selected_layers(layers)
         self.select, self.probe = select or SelectConfig(), probe or ProbeConfig()
         self.cost, self.pad_token_id, self.progress = cost, pad_token_id, progress
         self.history_path = None if history_path is None else Path(history_path)
         self.history: list[dict] = []
+        self._stack: DecoderStack | None = None  # the trained model's, found when training begins
 
     @property
     def current_layers(self) -> list[int] | None:
@@ -236,13 +246,11 @@ class ReprobeCallback(TrainerCallback):
 
     def _move(self, model: nn.Module, step: int, layers: list[int], scores, seconds: float) -> None:
         before = self.current_layers if step else None
-        entry = move_adapters(model, layers, before=before, scores=scores)
+        entry = move_adapters(model, layers, before=before, scores=scores, stack=self._stack)
         self.history.append({"step": step, **entry, "probe_seconds": seconds})
         self._write()
 
     def _resume_history(self, step: int) -> list[dict]:
-        import json
-
         if self.history_path is None or not self.history_path.is_file():
             raise ValueError(
                 f"resuming at step {step} with re-probing needs the selection history "
@@ -263,7 +271,8 @@ class ReprobeCallback(TrainerCallback):
                 f"re-probing (--reprobe-every) runs in one process, not {args.world_size}: DDP and FSDP fix which "
                 "parameters train when they wrap the model"
             )
-        missing = uncovered_layers(model)
+        self._stack = find_decoder_stack(model)
+        missing = uncovered_layers(model, stack=self._stack)
         if missing:
             raise ValueError(
                 f"re-probing needs LoRA on every block; blocks {missing} have none: build the config with "
@@ -273,7 +282,7 @@ class ReprobeCallback(TrainerCallback):
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
             left_out = sorted(
                 i
-                for i, modules in enumerate(_adapter_modules(model))
+                for i, modules in enumerate(_adapter_modules(model, self._stack))
                 if any(id(p) not in held for m in modules for p in _adapter_parameters(m))
             )
             if left_out:
@@ -283,7 +292,7 @@ class ReprobeCallback(TrainerCallback):
                 )
         if state.global_step > 0:
             self.history = self._resume_history(state.global_step)
-            set_trainable_layers(model, self.history[-1]["layers"])
+            set_trainable_layers(model, self.history[-1]["layers"], stack=self._stack)
             self._write()
             logger.info("re-probing resumed at step %d: training layers %s", state.global_step, self.current_layers)
             return
@@ -305,6 +314,7 @@ class ReprobeCallback(TrainerCallback):
             cost=self.cost,
             pad_token_id=self.pad_token_id,
             progress=self.progress,
+            stack=self._stack,
         )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

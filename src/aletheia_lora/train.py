@@ -26,6 +26,7 @@ from torch import nn
 
 from aletheia_lora.data import IGNORE_INDEX, pad_collate
 from aletheia_lora.distributed import (
+    DEFAULT_TIMEOUT_S,
     barrier,
     collective_device,
     is_distributed,
@@ -33,8 +34,9 @@ from aletheia_lora.distributed import (
     on_main_process,
 )
 from aletheia_lora.files import atomic_dir, last_complete_checkpoint
-from aletheia_lora.layers import DecoderStack, find_decoder_stack, unwrap_model
+from aletheia_lora.layers import DecoderStack, resolve_stack, unwrap_model
 from aletheia_lora.probe import is_probing
+from aletheia_lora.reprobe import ReprobeCallback
 
 logger = logging.getLogger(__name__)
 
@@ -75,13 +77,6 @@ class TrainConfig:
         },
     )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
-    dist_timeout: int = field(
-        default=1800,
-        metadata={
-            "help": "Multi-process runs (torchrun, accelerate launch): seconds a rank waits for the others "
-            "in a collective before it fails instead of hanging."
-        },
-    )
 
     def __post_init__(self) -> None:
         positive = (
@@ -90,7 +85,6 @@ class TrainConfig:
             "gradient_accumulation_steps",
             "logging_steps",
             "save_total_limit",
-            "dist_timeout",
         )
         non_negative = ("warmup_steps", "eval_steps", "save_steps", "seed", "reprobe_every")
         for f in fields(self):
@@ -195,7 +189,7 @@ class BackwardDepthMonitor:
     """
 
     def __init__(self, model: nn.Module, stack: DecoderStack | None = None) -> None:
-        self.stack = stack or find_decoder_stack(model)
+        self.stack = resolve_stack(model, stack)
         self.lowest: int | None = None
         self._handles = []
 
@@ -326,6 +320,8 @@ def train_lora(
     resume: bool = False,
     callbacks: Sequence = (),
     on_log: Callable[[dict], None] | None = None,
+    dist_timeout: int = int(DEFAULT_TIMEOUT_S),
+    stack: DecoderStack | None = None,
 ) -> TrainResult:
     """Fine-tune LoRA adapters on the selected blocks with the HF Trainer (single process, DDP or FSDP alike).
 
@@ -341,13 +337,14 @@ def train_lora(
         callbacks: Extra ``TrainerCallback`` objects. With ``config.reprobe_every`` one of them must be the
             :class:`~aletheia_lora.reprobe.ReprobeCallback` that moves the adapters (``run_pipeline`` adds it).
         on_log: Called with each log record (loss, learning rate, eval loss).
+        dist_timeout: Multi-process runs: seconds a rank waits for the others in a collective
+            (:attr:`ModelConfig.dist_timeout <aletheia_lora.models.ModelConfig.dist_timeout>`).
+        stack: The model's decoder stack, when already found (the PeftModel keeps the same blocks).
 
     Returns:
         A :class:`TrainResult`; ``adapter_dir`` loads with ``PeftModel.from_pretrained``.
     """
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-
-    from aletheia_lora.reprobe import ReprobeCallback
 
     config = config or TrainConfig()
     if len(train_dataset) == 0:
@@ -410,7 +407,7 @@ def train_lora(
         label_names=["labels"],
         dataloader_num_workers=0,
         use_cpu=not use_cuda,
-        ddp_timeout=config.dist_timeout,
+        ddp_timeout=dist_timeout,
     )
     # Checkpointing is left off in the Trainer's arguments: its own set-up would add an input-grad hook.
     trainer = Trainer(
@@ -432,7 +429,7 @@ def train_lora(
         )
     start = time.perf_counter()
     try:
-        with BackwardDepthMonitor(peft_model) as depth:
+        with BackwardDepthMonitor(peft_model, stack) as depth:
             trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:
         last = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
