@@ -219,9 +219,9 @@ def test_probe_with_calibrate_predicts_from_steps_timed_here(tiny_checkpoint, ti
 
 
 def test_calibrate_refuses_several_processes(tiny_checkpoint, tiny_corpus, tmp_path, monkeypatch, capsys):
-    import aletheia_lora.pipeline as pipeline
+    import aletheia_lora.plan as plan
 
-    monkeypatch.setattr(pipeline, "is_distributed", lambda: True)
+    monkeypatch.setattr(plan, "is_distributed", lambda: True)
     assert main(["probe", *tiny_args(tiny_checkpoint, tiny_corpus, tmp_path / "p", "--calibrate")]) == 2
     assert "--calibrate times steps in one process" in capsys.readouterr().err
 
@@ -234,3 +234,46 @@ def test_run_with_calibrate_selects_by_the_timed_costs(tiny_checkpoint, tiny_cor
     selection = report["selection"]
     assert len(selection["calibration"]["timings"]) == 3 and selection["cost_model"].startswith("calibrated")
     assert report["train"]["lowest_layer_reached"] == min(selection["selected_layers"])
+
+
+def test_run_config_json_given_back_to_config_reproduces_the_run(tiny_checkpoint, tiny_corpus, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    settings = ["--max-steps", "2", "--batch-size", "2", "--save-steps", "2", "--r", "4", "--lora-alpha", "8",
+                "--top-k", "2", "--strategy", "contiguous", "--probe-seed", "7", "--seed", "3",
+                "--learning-rate", "0.001", "--general-data", "none", "--no-pack"]  # fmt: skip
+    assert main(["run", *tiny_args(tiny_checkpoint, tiny_corpus, first, *settings)]) == 0
+    written = json.loads((first / "run_config.json").read_text())
+    assert {"model", "data", "select", "lora", "train"} <= set(written)  # nested by settings group
+    second.mkdir()
+    argv = ["run", "--config", str(first / "run_config.json"), "--out", str(second), "--overwrite", "-q"]
+    assert main(argv) == 0
+    # the file names no output folder, so the two runs' settings are the same, every one of them
+    assert json.loads((second / "run_config.json").read_text()) == written
+    reports = [json.loads((out / "metrics.json").read_text()) for out in (first, second)]
+    assert reports[0]["selection"]["selected_layers"] == reports[1]["selection"]["selected_layers"]
+
+
+def test_config_file_nested_by_group_is_read_by_field_name(tmp_path, capsys):
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({"scores": {"0": 1.0, "1": 3.0, "2": 2.0, "3": 4.0}}))
+    config = tmp_path / "c.json"
+    # settings are found by name, whichever group holds them (a file written before a setting moved still loads)
+    config.write_text(json.dumps({"select": {"strategy": "contiguous"}, "probe": {"top-k": 1}}))
+    assert main(["select", "--config", str(config), "--scores", str(scores)]) == 0
+    assert "selected        [3]" in capsys.readouterr().out
+    config.write_text(json.dumps({"select": {"top_k": 1}, "train": {"max_steps": 3}}))
+    assert main(["select", "--config", str(config), "--scores", str(scores)]) == 2
+    assert "unknown setting(s) ['train.max_steps'] for `aletheia-lora select`" in capsys.readouterr().err
+
+
+def test_a_field_shared_by_two_groups_may_appear_in_both_with_one_value():
+    from aletheia_lora.cli import _flatten_config
+
+    flat, spelled = _flatten_config({"a": {"seed": 1}, "b": {"seed": 1}, "top-k": 2}, {"a", "b"}, "c.json")
+    assert flat == {"seed": 1, "top_k": 2} and spelled == {"seed": "a.seed", "top_k": "top-k"}
+    with pytest.raises(ValueError, match="gives the setting seed twice, as 'a.seed' and 'b.seed'"):
+        _flatten_config({"a": {"seed": 1}, "b": {"seed": 2}}, {"a", "b"}, "c.json")
+    with pytest.raises(ValueError, match="gives the setting seed twice, as 'seed' and 'b.seed'"):
+        _flatten_config({"seed": 1, "b": {"seed": 1}}, {"a", "b"}, "c.json")
+    # a key that names a group but holds no mapping is a setting of that name
+    assert _flatten_config({"a": "x"}, {"a"}, "c.json")[0] == {"a": "x"}

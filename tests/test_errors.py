@@ -220,9 +220,9 @@ def _optimizer_without_adapters(ctx: Ctx) -> None:
 
 
 def _cli_calibrate_distributed(ctx: Ctx) -> list[str]:
-    import aletheia_lora.pipeline as pipeline
+    import aletheia_lora.plan as plan
 
-    ctx.monkeypatch.setattr(pipeline, "is_distributed", lambda: True)
+    ctx.monkeypatch.setattr(plan, "is_distributed", lambda: True)
     args = ["--general-data", "none", "--max-length", "16", "--out", "p", "--calibrate"]
     return ["probe", *ctx.cli_model_args(), *args]
 
@@ -656,6 +656,16 @@ CASES: list[Case] = [
     Case("cli-config-unknown-key", "--config", "a setting the subcommand does not have",
          lambda c: _config_file(c, "c.json", '{"learning_rate": 1}', "select", "--scores", "x"),
          Exit2(r"--config: unknown setting\(s\) \['learning_rate'\] for `aletheia-lora select`")),
+    Case("cli-config-unknown-nested-key", "--config", "a run_config.json group the subcommand does not have",
+         lambda c: _config_file(c, "c.json", '{"select": {"top_pct": 30}, "train": {"max_steps": 3}}', "select",
+                                "--scores", "x"),
+         Exit2(r"--config: unknown setting\(s\) \['train.max_steps'\] for `aletheia-lora select`")),
+    Case("cli-config-key-twice", "--config", "top-pct and top_pct in one config file",
+         lambda c: _config_file(c, "c.json", '{"top-pct": 30, "top_pct": 40}', "select", "--scores", "x"),
+         Exit2("--config: '.*c.json' gives the setting top_pct twice, as 'top-pct' and 'top_pct'")),
+    Case("cli-config-flat-and-nested", "--config", "top_pct flat and in the select group of one config file",
+         lambda c: _config_file(c, "c.json", '{"top_pct": 30, "select": {"top_pct": 40}}', "select", "--scores", "x"),
+         Exit2("--config: '.*c.json' gives the setting top_pct twice, as 'top_pct' and 'select.top_pct'")),
     Case("cli-config-top-pct-list", "--config", "top_pct: [1] in a config file",
          lambda c: _config_file(c, "c.json", '{"top_pct": [1]}', "select", "--scores", c.scores_file()),
          Exit2(r"--top-pct must be a number between 1 and 100, got \[1\] \(list\)")),

@@ -11,13 +11,17 @@ import dataclasses
 import errno
 import json
 import logging
+import re
 import shlex
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aletheia_lora import __version__
+
+if TYPE_CHECKING:  # the CLI imports the library lazily, so that --help answers fast
+    from aletheia_lora.select import Selection
 
 logger = logging.getLogger("aletheia_lora")
 
@@ -38,33 +42,82 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_dataclass(parser: argparse.ArgumentParser, cls: type, title: str, seen: set[str]) -> None:
-    """One flag per dataclass field, with the field's help string; a field name shared by two groups is one flag."""
-    group = parser.add_argument_group(title)
+# Hand-written rather than transformers.HfArgumentParser (which reads the same field(metadata={"help"})
+# dataclasses): it refuses a field shared by two groups (one flag here), takes bools as `--x [true|false]` with
+# `--no_x` only for True defaults (not BooleanOptionalAction), refuses "none" for an optional int or float, names
+# flags `--top_pct/--top-pct` in the errors the one-line messages quote, and passes help strings to argparse
+# unescaped (the "10%" crash).
+def _type_name(annotation: Any) -> str:
+    """A field's annotation as text ("int | None", "list[str]"), whether or not it was postponed."""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    text = str(annotation).replace("typing.", "")
+    if text.startswith("Optional[") and text.endswith("]"):
+        text = text[len("Optional[") : -1] + " | None"
+    return text
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _help(f: dataclasses.Field, default: Any) -> str:
+    """The field's help text, escaped for argparse's %-formatting, and its default shown once.
+
+    Help strings are plain text (they may say "10%"). The default is appended unless the text already states
+    one, or it is None: for an optional setting None means "not set", and the text says what happens then.
+    """
+    text = str(f.metadata.get("help", ""))
+    if default is not None and not re.search(r"\bdefault:|\bby default\b|\bdefaults to\b", text, re.IGNORECASE):
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        text = f"{text} (default: {shown})" if text else f"(default: {shown})"
+    return text.replace("%", "%%")
+
+
+def _add_dataclass(parser: argparse.ArgumentParser, cls: type, title: str, seen: set[str], values: Any = None) -> None:
+    """One flag per dataclass field, with the field's help string; a field name shared by two groups is one flag.
+
+    A field holding a dataclass (a config composed of others) adds that dataclass's flags to the same group, with
+    the defaults of the instance it holds; ``values`` is that instance.
+    """
+    group = parser.add_argument_group(title) if isinstance(parser, argparse.ArgumentParser) else parser
     for f in dataclasses.fields(cls):
+        default = getattr(values, f.name) if values is not None else _default(f)
+        if dataclasses.is_dataclass(default) and not isinstance(default, type):
+            _add_dataclass(group, type(default), title, seen, default)
+            continue
         if f.name in seen:
             continue
         seen.add(f.name)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "") + " (default: %(default)s)"
-        kind = str(f.type)
-        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
+        kind = _type_name(f.type)
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default}
         if kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind.startswith("list["):
-            kwargs.update(nargs="+", metavar="NAME")
+            item = kind[len("list[") :].split("]")[0].strip()
+            kwargs.update(nargs="+", type={"int": int, "float": float}.get(item, str))
+            kwargs["metavar"] = item.upper() if item in ("int", "float") else "NAME"
         else:
             base = kind.split("|")[0].strip()
             kwargs["type"] = {"int": int, "float": float}.get(base, str)
-            kwargs["metavar"] = base.upper()
-        group.add_argument(_flag(f.name), **kwargs)
+            kwargs["metavar"] = base.upper() if base in ("int", "float", "str") else "VALUE"
+        action = group.add_argument(_flag(f.name), **kwargs)
+        # set after creation: BooleanOptionalAction appends its own "(default: ...)" on some Python versions
+        action.help = _help(f, default)
 
 
-def _build(cls: type, args: argparse.Namespace):
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    # "none" in a flag or config file means None for optional settings
-    values = {k: (None if isinstance(v, str) and v.lower() == "none" else v) for k, v in values.items()}
-    return cls(**values)
+def _build(cls: type, args: argparse.Namespace, values: Any = None):
+    """``cls`` from the parsed flags; a field holding a dataclass is built the same way from the same flags."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        default = getattr(values, f.name) if values is not None else _default(f)
+        if dataclasses.is_dataclass(default) and not isinstance(default, type):
+            kwargs[f.name] = _build(type(default), args, default)
+        elif hasattr(args, f.name):
+            value = getattr(args, f.name)
+            # "none" in a flag or config file means None for optional settings
+            kwargs[f.name] = None if isinstance(value, str) and value.lower() == "none" else value
+    return cls(**kwargs)
 
 
 def _groups(command: str) -> list[tuple[str, type]]:
@@ -95,15 +148,7 @@ def _groups(command: str) -> list[tuple[str, type]]:
 def _run_config(args: argparse.Namespace):
     from aletheia_lora.pipeline import RunConfig
 
-    classes = {cls.__name__: cls for _, cls in _groups("run")}
-    return RunConfig(
-        model=_build(classes["ModelConfig"], args),
-        data=_build(classes["DataConfig"], args),
-        probe=_build(classes["ProbeConfig"], args),
-        select=_build(classes["SelectConfig"], args),
-        lora=_build(classes["LoraSettings"], args),
-        train=_build(classes["TrainConfig"], args),
-    )
+    return _build(RunConfig, args)  # each group built from the flags of its fields, wherever a field lives
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
@@ -118,17 +163,17 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_selection(selection: dict) -> None:
-    print(f"strategy        {selection['strategy']}")
-    print(f"selected        {selection['selected_layers']}")
-    if "score_share" in selection:
-        print(f"score captured  {selection['score_share']:.1%}")
-    if "predicted_speedup" in selection:
-        print(f"predicted       {selection['predicted_speedup']:.2f}x faster per step than LoRA on all layers")
-    for name, other in selection.get("alternatives", {}).items():
+def _print_selection(selection: Selection) -> None:
+    print(f"strategy        {selection.strategy}")
+    print(f"selected        {list(selection.layers)}")
+    if selection.score_share is not None:
+        print(f"score captured  {selection.score_share:.1%}")
+    if selection.predicted_speedup is not None:
+        print(f"predicted       {selection.predicted_speedup:.2f}x faster per step than LoRA on all layers")
+    for name, other in selection.alternatives.items():
         print(
-            f"  {name:<12} share {other['score_share']:.1%}, predicted {other['predicted_speedup']:.2f}x, "
-            f"lowest layer {other['lowest_layer']}"
+            f"  {name:<12} share {other.captured_share:.1%}, predicted {other.speedup:.2f}x, "
+            f"lowest layer {other.lowest_layer}"
         )
 
 
@@ -139,34 +184,36 @@ def _make_parent(path: str) -> None:
     parent.mkdir(parents=True, exist_ok=True)
 
 
+def _selection_from_scores(args: argparse.Namespace) -> Selection:
+    from aletheia_lora.probe import LayerScores
+    from aletheia_lora.select import SelectConfig, make_selection
+
+    settings = _build(SelectConfig, args)
+    if settings.calibrate:
+        raise ValueError("--calibrate times LoRA steps on a model: give it to `aletheia-lora probe`, `train` or `run`")
+    return make_selection(LayerScores.from_json(args.scores), **settings.kwargs())
+
+
 def _cmd_select(args: argparse.Namespace) -> int:
     from aletheia_lora.files import write_json
-    from aletheia_lora.probe import LayerScores
-    from aletheia_lora.select import describe_selection
 
-    scores = LayerScores.from_json(args.scores)
-    selection = describe_selection(scores, **_build(_groups("select")[0][1], args).kwargs())
+    selection = _selection_from_scores(args)
     _print_selection(selection)
     if args.out:
         _make_parent(args.out)
-        write_json(args.out, selection)
+        write_json(args.out, selection.to_dict())
         print(f"wrote {args.out}")
     return 0
 
 
 def _selected_layers(args: argparse.Namespace) -> list[int]:
-    from aletheia_lora.probe import LayerScores
-    from aletheia_lora.select import describe_selection
-
     if args.layers is not None and args.scores is not None:
         raise ValueError("give --layers or --scores, not both")
     if args.layers is not None:
         return list(args.layers)
     if args.scores is None:
         raise ValueError("give --scores FILE (from `aletheia-lora probe`) or --layers N [N ...]")
-    scores = LayerScores.from_json(args.scores)
-    select_cls = next(cls for title, cls in _groups("config") if title == "selection")
-    return describe_selection(scores, **_build(select_cls, args).kwargs())["selected_layers"]
+    return list(_selection_from_scores(args).layers)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -265,7 +312,61 @@ def _load_config_file(path: str) -> dict:
         ) from None
     if not isinstance(values, dict):
         raise ValueError(f"--config: {path!r} must hold a mapping of flag names to values")
-    return {str(k).replace("-", "_"): v for k, v in values.items()}
+    return values
+
+
+def _group_names(command: str) -> set[str]:
+    """Names under which a config file may nest settings: the groups of a run_config.json (``RunConfig``'s
+    fields) and any field of the command's settings that holds a dataclass."""
+    from aletheia_lora.pipeline import RunConfig
+
+    names: set[str] = set()
+
+    def walk(cls: type, values: Any = None) -> None:
+        for f in dataclasses.fields(cls):
+            default = getattr(values, f.name) if values is not None else _default(f)
+            if dataclasses.is_dataclass(default) and not isinstance(default, type):
+                names.add(f.name)
+                walk(type(default), default)
+
+    walk(RunConfig)
+    for _, cls in _groups(command):
+        walk(cls)
+    return names
+
+
+def _flatten_config(values: dict, groups: set[str], path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """A config file's settings by field name, and how the file spelled each one.
+
+    A top-level key that names a settings group and holds a mapping (the nested layout of run_config.json) is
+    flattened into its fields by their names, whichever group they sit in, so files written before a field moved
+    between groups still load. A setting given twice (``top-pct`` and ``top_pct``, or flat and nested) is an
+    error; only two groups holding the same value of a field they share (one flag sets both) is not.
+    """
+    flat: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    nested: set[str] = set()
+
+    def put(key: str, value: Any, group: str | None) -> None:
+        name, where = key.replace("-", "_"), f"{group}.{key}" if group else key
+        if name in flat:
+            if not (group and name in nested and flat[name] == value):
+                raise ValueError(
+                    f"--config: {path!r} gives the setting {name} twice, as {spelled[name]!r} and {where!r}"
+                )
+            return
+        flat[name], spelled[name] = value, where
+        if group:
+            nested.add(name)
+
+    for key, value in values.items():
+        key = str(key)
+        if key.replace("-", "_") in groups and isinstance(value, dict):
+            for inner, inner_value in value.items():
+                put(str(inner), inner_value, group=key)
+        else:
+            put(key, value, group=None)
+    return flat, spelled
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -331,10 +432,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser, parsers = build_parser()
     args = parser.parse_args(argv)
     if args.config:
-        values = _load_config_file(args.config)
+        values, spelled = _flatten_config(_load_config_file(args.config), _group_names(args.command), args.config)
         sub = parsers[args.command]
         known = {action.dest for action in sub._actions}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(spelled[name] for name in set(values) - known)
         if unknown:
             raise ValueError(f"--config: unknown setting(s) {unknown} for `aletheia-lora {args.command}`")
         if values.get("trust_remote_code") is True:
