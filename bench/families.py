@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
 import json
 import math
@@ -41,7 +40,19 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
+import torch
+import transformers as T
+
+from aletheia_lora import apply_aletheia_lora, gradient_probe, select_layers
+from aletheia_lora.bench.config import RENAMED_SETTINGS, load_result, read_settings, renamed_hint
+from aletheia_lora.bench.measure import MB, BackwardTrace, machine_info, package_versions, timed_step
+from aletheia_lora.bench.render import layer_runs
+from aletheia_lora.bench.workload import lora_copy
+from aletheia_lora.cost import CostModel
+from aletheia_lora.files import write_text
+from aletheia_lora.layers import find_decoder_stack
+from aletheia_lora.plots import pyplot
+from aletheia_lora.train import EMBEDDINGS
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "bench" / "configs" / "families.yaml"
@@ -100,8 +111,6 @@ def ratio_drift(real: dict, dims: dict) -> dict:
 
 def hf_config(arch: str, dims: dict):
     """A transformers config of ``arch`` with the given dims."""
-    import transformers as T
-
     common = dict(
         num_hidden_layers=dims["layers"],
         hidden_size=dims["hidden"],
@@ -178,36 +187,12 @@ def _rel(path: Path) -> str:
 
 
 def _random_rows(n: int, length: int, vocab: int, seed: int) -> list[dict]:
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(1, vocab, (length,), generator=g).tolist()} for _ in range(n)]
 
 
-class _SavedBytes:
-    """Bytes of the distinct non-parameter tensors autograd saves for the backward pass."""
-
-    def __init__(self, model) -> None:
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.storages: dict[int, int] = {}
-
-    def pack(self, tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self.params:
-            self.storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-
 def run_family(family: dict, cfg: dict, log=print) -> dict:
     """Build the family's scaled model, probe it, train its arms round-robin; return the family's record."""
-    import torch
-    import transformers as T
-
-    from aletheia_lora import apply_aletheia_lora, gradient_probe, select_layers
-    from aletheia_lora.cost import CostModel
-    from aletheia_lora.layers import find_decoder_stack
-    from aletheia_lora.train import EMBEDDINGS, BackwardDepthMonitor, prepare_lora_model
-
     started = time.perf_counter()
     real = family["real"]
     dims = scaled_dims(real, family["scale"])
@@ -218,9 +203,9 @@ def run_family(family: dict, cfg: dict, log=print) -> dict:
     n = stack.num_layers
     if n != real["layers"]:
         raise RuntimeError(f"{family['family']}: built {n} layers, the real model has {real['layers']}")
-    k = max(1, math.floor(n * cfg["budget_pct"] / 100))
+    k = max(1, math.floor(n * cfg["top_pct"] / 100))
     seq, bs = cfg["seq_len"], cfg["batch_size"]
-    total_steps = cfg["warmup_steps"] + cfg["steps"]
+    total_steps = cfg["untimed_steps"] + cfg["steps"]
 
     probe_rows = _random_rows(cfg["probe_batches"], seq, dims["vocab"], cfg["seed"] + 1)
     t0 = time.perf_counter()
@@ -231,10 +216,10 @@ def run_family(family: dict, cfg: dict, log=print) -> dict:
     pattern, pattern_how = probe_pattern(n, k, REPO / source if source else None)
     layers = {
         "all": list(range(n)),
-        "score": select_layers(scores, cfg["budget_pct"], strategy="score"),
+        "score": select_layers(scores, cfg["top_pct"], strategy="score"),
         "probe-pattern": pattern,
-        "truncation": select_layers(scores, cfg["budget_pct"], strategy="truncation", cost=cost),
-        "contiguous": select_layers(scores, cfg["budget_pct"], strategy="contiguous"),
+        "truncation": select_layers(scores, cfg["top_pct"], strategy="truncation", cost=cost),
+        "contiguous": select_layers(scores, cfg["top_pct"], strategy="contiguous"),
     }
     # Arms with the same layers as an earlier one are trained once and reported under both names.
     same_as: dict[str, str] = {}
@@ -248,16 +233,10 @@ def run_family(family: dict, cfg: dict, log=print) -> dict:
     arms = {}
     for name in trained:
         lora = apply_aletheia_lora(base, layers[name], r=cfg["r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0)
-        torch.manual_seed(cfg["seed"])
-        model = prepare_lora_model(copy.deepcopy(base), lora)
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        arms[name] = {
-            "model": model,
-            "params": params,
-            "optimizer": torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=0.0),
-            "times": [],
-        }
+        model, params, optimizer = lora_copy(
+            base, lora, seed=cfg["seed"], learning_rate=cfg["learning_rate"], weight_decay=0.0
+        )
+        arms[name] = {"model": model, "params": params, "optimizer": optimizer, "times": []}
     del base
     g = torch.Generator().manual_seed(cfg["seed"])
     batches = [torch.randint(1, dims["vocab"], (bs, seq), generator=g) for _ in range(total_steps)]
@@ -267,30 +246,23 @@ def run_family(family: dict, cfg: dict, log=print) -> dict:
         for name in order:
             arm = arms[name]
             ids = batches[step]
-            with contextlib.ExitStack() as hooks:
-                if step == 0:  # the first, untimed step carries the measuring hooks
-                    saved = _SavedBytes(arm["model"])
-                    depth = hooks.enter_context(BackwardDepthMonitor(arm["model"]))
-                    hooks.enter_context(torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t))
-                start = time.perf_counter()
-                loss = arm["model"](input_ids=ids, labels=ids).loss
-                loss.backward()
-                arm["optimizer"].step()
-                arm["optimizer"].zero_grad(set_to_none=True)
-                seconds = time.perf_counter() - start
+            # the first, untimed step carries the measuring hooks
+            trace = BackwardTrace(arm["model"]) if step == 0 else contextlib.nullcontext()
+            with trace:
+                _, seconds = timed_step(arm["model"], {"input_ids": ids, "labels": ids}, arm["optimizer"])
             if step == 0:
-                arm["lowest_reached"] = "embeddings" if depth.lowest == EMBEDDINGS else depth.lowest
-                arm["saved_mb"] = sum(saved.storages.values()) / 2**20
+                arm["lowest_reached"] = "embeddings" if trace.lowest == EMBEDDINGS else trace.lowest
+                arm["saved_mb"] = trace.saved.bytes / MB
             arm["times"].append(seconds)
         log(f"  {family['family']}: step {step + 1}/{total_steps}")
 
-    warm = cfg["warmup_steps"]
-    base_times = arms["all"]["times"][warm:]
+    untimed = cfg["untimed_steps"]
+    base_times = arms["all"]["times"][untimed:]
     base_median = statistics.median(base_times)
     records = []
     for name in ARMS:
         arm = arms[same_as.get(name, name)]
-        times = arm["times"][warm:]
+        times = arm["times"][untimed:]
         median = statistics.median(times)
         predicted = cost.speedup(layers[name])
         measured = base_median / median
@@ -340,7 +312,8 @@ def run_family(family: dict, cfg: dict, log=print) -> dict:
 
 
 def _layers_text(layers: list[int], n: int) -> str:
-    if layers == list(range(layers[0], layers[-1] + 1)):
+    """``first..last`` for one run of consecutive blocks, else every block."""
+    if len(layer_runs(layers)) == 1:
         return f"{layers[0]}..{layers[-1]}"
     return ",".join(map(str, layers))
 
@@ -425,7 +398,7 @@ def render_markdown(result: dict) -> str:
         f"torch {result['versions'].get('torch', '?')}, transformers {result['versions'].get('transformers', '?')}).",
         "",
         f"Batch {cfg['batch_size']} x {cfg['seq_len']} random tokens, LoRA r={cfg['r']} on the attention and MLP "
-        f"projections, AdamW, {cfg['warmup_steps']} untimed + {cfg['steps']} timed steps per arm, arms round-robin. "
+        f"projections, AdamW, {cfg['untimed_steps']} untimed + {cfg['steps']} timed steps per arm, arms round-robin. "
         "Speedup = all-layer median step time / arm median step time (> 1 is faster); predicted = "
         "`CostModel.from_model`.",
         "",
@@ -439,11 +412,7 @@ def render_markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     families = [f["family"] for f in result["families"]]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     ax.axhspan(*PAPER_RANGE, color="tab:green", alpha=0.15, label="paper's reported range (15-28%)")
@@ -479,7 +448,7 @@ def quality_section(quality_path: Path | None) -> list[str]:
             "`.venv/bin/python bench/families.py --render-only` once `aletheia-lora bench --config "
             "bench/configs/smollm2.yaml` has written it."
         ]
-    data = json.loads(quality_path.read_text())
+    data = load_result(quality_path)
     cfg = data.get("config", {})
     lines = [
         f"From `{_rel(quality_path)}` (written by `{data.get('command', 'aletheia-lora bench')}`, "
@@ -611,9 +580,9 @@ def render_docs(result: dict, *, png: str, quality_path: Path | None) -> str:
         f"(alpha {cfg['lora_alpha']}) on the attention and MLP projections of the adapted blocks (Mixtral: "
         "attention only, as `apply_aletheia_lora` leaves fused experts alone by default), AdamW, input-grad hooks "
         f"removed (`prepare_lora_model`). Per family, all arms train round-robin, one step each per round; "
-        f"{cfg['warmup_steps']} untimed step(s) then {cfg['steps']} timed steps per arm; "
+        f"{cfg['untimed_steps']} untimed step(s) then {cfg['steps']} timed steps per arm; "
         f"{result['machine']['torch_threads']} torch thread.",
-        f"- **Arms**, all at {cfg['budget_pct']}% of the layers: "
+        f"- **Arms**, all at {cfg['top_pct']}% of the layers: "
         + "; ".join(f"`{k}` = {v}" for k, v in ARM_TEXT.items())
         + ". The probe pattern: "
         + "; ".join(pattern_sources)
@@ -666,16 +635,15 @@ def render_docs(result: dict, *, png: str, quality_path: Path | None) -> str:
 
 
 def render_outputs(out: Path, docs: Path | None, quality_path: Path | None) -> list[Path]:
-    result = json.loads((out / f"{NAME}.json").read_text())
-    written = [out / f"{NAME}.md"]
-    written[0].write_text(render_markdown(result))
+    """Write ``families.md``, the plot and the evidence page ``docs`` (unless None) from ``families.json``."""
+    result = load_result(out / f"{NAME}.json")
+    written = [write_text(out / f"{NAME}.md", render_markdown(result))]
     png = plot(result, out / f"{NAME}.png")
     written.append(png)
     if docs is not None:
         docs.parent.mkdir(parents=True, exist_ok=True)
         rel = os.path.relpath(png, docs.parent)
-        docs.write_text(render_docs(result, png=rel, quality_path=quality_path))
-        written.append(docs)
+        written.append(write_text(docs, render_docs(result, png=rel, quality_path=quality_path)))
     return written
 
 
@@ -685,29 +653,24 @@ def render_outputs(out: Path, docs: Path | None, quality_path: Path | None) -> l
 
 
 def load_config(path: Path) -> dict:
-    cfg = yaml.safe_load(Path(path).read_text())
-    required = ("budget_pct", "batch_size", "seq_len", "warmup_steps", "steps", "r", "lora_alpha", "families")
+    try:
+        cfg = read_settings(path)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    # a family config has no learning-rate warm-up: any of these is an older name
+    renamed = [k for k in cfg if k in RENAMED_SETTINGS]
+    if renamed:
+        raise SystemExit(f"{path}: older setting name(s) {renamed}{renamed_hint(renamed)}")
+    required = ("top_pct", "batch_size", "seq_len", "untimed_steps", "steps", "r", "lora_alpha", "families")
     missing = [k for k in required if k not in cfg]
     if missing:
         raise SystemExit(f"{path}: missing {missing}")
-    if cfg["warmup_steps"] < 1 or cfg["steps"] < 1:
-        raise SystemExit(f"{path}: warmup_steps and steps must be >= 1")
+    if cfg["untimed_steps"] < 1 or cfg["steps"] < 1:
+        raise SystemExit(f"{path}: untimed_steps and steps must be >= 1")
     for fam in cfg["families"]:
         if fam["real"]["layers"] < 2:
             raise SystemExit(f"{path}: {fam['family']} needs at least 2 layers")
     return cfg
-
-
-def _versions() -> dict:
-    import importlib.metadata
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "aletheia-lora"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -725,8 +688,6 @@ def main(argv: list[str] | None = None) -> int:
         for path in render_outputs(args.out, docs, quality):
             print(f"wrote {path}")
         return 0
-
-    import torch
 
     torch.set_num_threads(cfg.get("threads") or 1)
     families = cfg["families"]
@@ -757,21 +718,14 @@ def main(argv: list[str] | None = None) -> int:
         "scaled_dimensions": list(SCALED_KEYS),
         "kept_dimensions": ["layers", "heads", "kv_heads", "tied_embeddings", *EXPERT_KEYS],
         "paper": {"speedup_range": list(PAPER_RANGE), "mean_speedup": PAPER_MEAN, "budget_pct": 50},
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "device": "cpu",
-            "gpu": None,
-        },
-        "versions": _versions(),
+        "machine": {**machine_info(torch.device("cpu")), "gpu": None},
+        "versions": {"python": platform.python_version(), **package_versions()},
         "load_average": {"before": load_before, "after": list(os.getloadavg())},
         "wall_seconds": time.perf_counter() - started,
         "families": records,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{NAME}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_text(args.out / f"{NAME}.json", json.dumps(result, indent=1) + "\n")
     for path in [args.out / f"{NAME}.json", *render_outputs(args.out, docs, quality)]:
         print(f"wrote {path}")
     return 0

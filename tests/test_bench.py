@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import replace
@@ -15,12 +16,18 @@ from aletheia_lora.bench import (
     BenchConfig,
     _pick_frontier,
     learning_rate_at,
+    load_result,
     render_markdown,
     render_outputs,
     run_bench,
 )
 from aletheia_lora.cli import main
-from aletheia_lora.select import FrontierPoint
+from aletheia_lora.config import LoraSettings
+from aletheia_lora.data import DataConfig
+from aletheia_lora.models import ModelConfig
+from aletheia_lora.probe import ProbeConfig
+from aletheia_lora.select import FrontierPoint, SelectConfig
+from aletheia_lora.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, EVAL_EVERY, LAYERS = 8, 2, 6
@@ -35,12 +42,12 @@ TINY = {
     "general_blocks": 4,
     "batch_size": 2,
     "steps": STEPS,
-    "warmup_steps": 1,
+    "untimed_steps": 1,
     "learning_rate": 0.003,
     "r": 2,
     "lora_alpha": 4,
     "frontier_points": 2,
-    "eval_every": EVAL_EVERY,
+    "eval_steps": EVAL_EVERY,
     "eval_batch_size": 4,
     "probe_batches": 2,
 }
@@ -187,7 +194,7 @@ def test_render_only_without_a_result_is_a_clear_error(tmp_path, capsys):
 
 def test_a_checkpoint_with_text_files_runs_the_real_data_path(tiny_checkpoint, tiny_corpus, tmp_path):
     config = BenchConfig(
-        **{**TINY, "model": str(tiny_checkpoint), "steps": 3, "eval_every": 3, "arms": ["all", "contiguous"]},
+        **{**TINY, "model": str(tiny_checkpoint), "steps": 3, "eval_steps": 3, "arms": ["all", "contiguous"]},
         data=str(tiny_corpus / "target.txt"),
         general_data=str(tiny_corpus / "general.txt"),
         progress=False,
@@ -212,6 +219,41 @@ def test_committed_configs_load_and_smollm2_is_the_default():
     assert replace(beyond, name="smollm2", arms=BenchConfig().arms) == BenchConfig()
 
 
+def test_settings_shared_with_a_stage_carry_its_name_and_help():
+    stages = (ModelConfig, DataConfig, LoraSettings, SelectConfig, ProbeConfig, TrainConfig)
+    bench = {f.name: f for f in dataclasses.fields(BenchConfig)}
+    shared = set()
+    for stage in stages:
+        for f in dataclasses.fields(stage):
+            if f.name in bench:
+                assert bench[f.name].metadata["help"].startswith(f.metadata["help"]), (stage.__name__, f.name)
+                shared.add(f.name)
+    assert {"r", "lora_alpha", "top_pct", "warmup_steps", "eval_steps", "learning_rate", "data"} <= shared
+    # one name, one meaning: the untimed steps are not the learning-rate warm-up
+    assert "untimed_steps" not in shared and "budget_pct" not in bench and "lr_warmup_steps" not in bench
+
+
+def test_committed_results_render_their_committed_tables():
+    """Results written before the settings were renamed still render byte for byte (load_result maps the names)."""
+    results = sorted((REPO / "bench" / "results").glob("train_*.json"))
+    assert results
+    for path in results:
+        assert render_markdown(load_result(path)) == path.with_suffix(".md").read_text(), path.name
+
+
+def test_older_setting_names_are_mapped_in_results_and_named_in_config_files(tmp_path):
+    old = {"steps": 60, "warmup_steps": 2, "lr_warmup_steps": 0, "budget_pct": 50, "eval_every": 10}
+    (tmp_path / "train_old.json").write_text(json.dumps({"config": old}))
+    config = load_result(tmp_path / "train_old.json")["config"]
+    assert config == {"steps": 60, "untimed_steps": 2, "warmup_steps": 0, "top_pct": 50, "eval_steps": 10}
+    new = {"untimed_steps": 2, "warmup_steps": 1}
+    (tmp_path / "train_new.json").write_text(json.dumps({"config": new}))
+    assert load_result(tmp_path / "train_new.json")["config"] == new
+    (tmp_path / "old.yaml").write_text("budget_pct: 50\neval_every: 10\n")
+    with pytest.raises(ValueError, match=r"renamed: budget_pct -> top_pct, eval_every -> eval_steps"):
+        BenchConfig.from_file(tmp_path / "old.yaml")
+
+
 @pytest.mark.parametrize(
     ("change", "error", "message"),
     [
@@ -221,12 +263,12 @@ def test_committed_configs_load_and_smollm2_is_the_default():
         ({"arms": ["all", "score", "score"]}, ValueError, r"lists \['score'\] more than once"),
         ({"arms": "all"}, TypeError, "--arms must be a list"),
         ({"arms": ["all", "frontier"], "frontier_points": 0}, ValueError, "--frontier-points is 0"),
-        ({"budget_pct": 0}, ValueError, r"--budget-pct must be in \[1, 100\).*got 0"),
-        ({"budget_pct": 100}, ValueError, r"--budget-pct must be in \[1, 100\).*got 100"),
-        ({"steps": 2, "warmup_steps": 2}, ValueError, r"--steps \(2\) must exceed --warmup-steps \(2\)"),
-        ({"warmup_steps": 0}, ValueError, "--warmup-steps must be >= 1, got 0"),
+        ({"top_pct": 0}, ValueError, r"--top-pct must be in \[1, 100\).*got 0"),
+        ({"top_pct": 100}, ValueError, r"--top-pct must be in \[1, 100\).*got 100"),
+        ({"steps": 2, "untimed_steps": 2}, ValueError, r"--steps \(2\) must exceed --untimed-steps \(2\)"),
+        ({"untimed_steps": 0}, ValueError, "--untimed-steps must be >= 1, got 0"),
         ({"steps": "ten"}, TypeError, "--steps must be an integer, got 'ten'"),
-        ({"eval_every": 0}, ValueError, "--eval-every must be >= 1"),
+        ({"eval_steps": 0}, ValueError, "--eval-steps must be >= 1"),
         ({"quality_cap": 0.5}, ValueError, "--quality-cap must be >= 1"),
         ({"learning_rate": math.nan}, TypeError, "--learning-rate must be a finite number"),
         ({"learning_rate": 0}, ValueError, "--learning-rate must be positive"),
@@ -257,7 +299,7 @@ def test_bad_settings_from_the_command_line_or_a_file_exit_with_one_line(tmp_pat
 
 
 def test_learning_rate_schedules():
-    constant = BenchConfig(**{**TINY, "lr_warmup_steps": 2})
+    constant = BenchConfig(**{**TINY, "warmup_steps": 2})
     assert [learning_rate_at(i, constant) for i in range(4)] == pytest.approx([0.0015, 0.003, 0.003, 0.003])
     cosine = BenchConfig(**{**TINY, "lr_schedule": "cosine"})
     values = [learning_rate_at(i, cosine) for i in range(STEPS + 5)]
@@ -307,7 +349,7 @@ def test_reprobe_arm_moves_on_schedule_and_its_clock_pays_for_the_probes(beyond_
     assert info["final_layers"] == info["history"][-1]["layers"]
     assert set(info["layers_ever_trained"]) == {i for h in info["history"] for i in h["layers"]}
     # the clock at the end is its step times plus every probe before its last step
-    warm, n = result["config"]["warmup_steps"], len(arm["step_seconds"])
+    warm, n = result["config"]["untimed_steps"], len(arm["step_seconds"])
     charge = arm["median_step_seconds"]
     expected = sum(arm["step_seconds"][warm:n]) + charge * warm + sum(h["seconds"] for h in info["history"][1:-1])
     last = info["history"][-1]
@@ -332,7 +374,7 @@ def test_beyond_section_compares_both_arms_with_score(beyond_run):
 def test_the_command_lists_only_the_files_of_its_own_run(tmp_path, capsys):
     (tmp_path / "train_t_seed1.json").write_text("{}")  # another run whose name starts with this one's
     config = tmp_path / "t.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "steps": 3, "eval_every": 3, "arms": ["all", "contiguous"]}))
+    config.write_text(yaml.safe_dump({**TINY, "steps": 3, "eval_steps": 3, "arms": ["all", "contiguous"]}))
     assert main(["bench", "--config", str(config), "--out", str(tmp_path), "-q"]) == 0
     lines = capsys.readouterr().out.splitlines()
     listed = [line.removeprefix("wrote ") for line in lines if line.startswith("wrote ")]

@@ -68,7 +68,7 @@ def test_tiny_run_writes_json_markdown_plot_and_doc_from_the_json(tmp_path):
         if fam["family"] in ("Llama-3.1", "Mixtral"):
             fam = {**fam, "real": {**fam["real"], "layers": 4}, "scale": fam["scale"] * 4}
             tiny.append(fam)
-    cfg.update(families=tiny, seq_len=16, warmup_steps=1, steps=2, probe_batches=1)
+    cfg.update(families=tiny, seq_len=16, untimed_steps=1, steps=2, probe_batches=1)
     cfg["probe_scores_from"] = cfg["quality_from"] = str(tmp_path / "absent.json")
     config = tmp_path / "families.yaml"
     config.write_text(yaml.safe_dump(cfg))
