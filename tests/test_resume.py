@@ -199,7 +199,10 @@ REVIEWED_WRITES = {
     ("train.py", "_atomic_save_adapter"): "save_pretrained into a temporary folder, then os.replace",
     ("cli.py", "_cmd_config"): "save_pretrained into a TemporaryDirectory, read back, then write_text",
     ("config.py", "export_config"): "save_pretrained into a TemporaryDirectory, read back; the caller writes the text",
-    ("bench.py", "start_peak"): "writes the kernel's /proc/self/clear_refs to reset the peak RSS, not an output file",
+    (
+        "bench/measure.py",
+        "reset_peak_rss",
+    ): "writes the kernel's /proc/self/clear_refs to reset the peak RSS, not an output file",
 }
 _WRITERS = {"write_text", "write_bytes", "savefig", "save_pretrained", "save", "save_file", "to_csv", "to_parquet"}
 
@@ -231,8 +234,8 @@ def _write_sites() -> set[tuple[str, str]]:
                 sites.add((self.filename, self.stack[-1]))
             self.generic_visit(node)
 
-    for path in sorted(SRC.glob("*.py")):
-        Finder(path.name).visit(ast.parse(path.read_text()))
+    for path in sorted(SRC.rglob("*.py")):  # subpackages (bench/, data/) included
+        Finder(path.relative_to(SRC).as_posix()).visit(ast.parse(path.read_text()))
     return sites
 
 

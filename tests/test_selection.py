@@ -10,7 +10,6 @@ from aletheia_lora.select import (
     STRATEGIES,
     FrontierPoint,
     SelectionSummary,
-    describe_selection,
     make_selection,
     select_layers,
     selection_frontier,
@@ -93,7 +92,6 @@ def test_to_dict_is_the_old_layout_byte_for_byte(strategy, cost, budget):
     old = old_describe_selection(PROBE_LIKE, **kwargs)
     selection = make_selection(PROBE_LIKE, **kwargs)
     assert _bytes(selection.to_dict()) == _bytes(old)
-    assert _bytes(describe_selection(PROBE_LIKE, **kwargs)) == _bytes(old)
     old["probe_seconds"] = 1.25  # the pipeline's last key
     assert _bytes(selection.with_probe_seconds(1.25).to_dict()) == _bytes(old)
 

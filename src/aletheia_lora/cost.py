@@ -549,4 +549,3 @@ class Calibration:
             gradient_checkpointing=gradient_checkpointing,
             timings=tuple((tuple(validate_selected_layers(layers, num_layers)), float(t)) for layers, t in pairs),
         )
-

@@ -556,31 +556,3 @@ def make_selection(
         frontier=tuple(selection_frontier(scores, **budget, cost=cost)),
         calibration=calibration_numbers(cost) if isinstance(cost, Calibration) else None,
     )
-
-
-def describe_selection(
-    scores: Mapping[int, float],
-    *,
-    model=None,
-    seq_len: int = 128,
-    batch_size: int = 1,
-    top_pct: float | None = 50,
-    top_k: int | None = None,
-    strategy: str = "score",
-    target_speedup: float | None = None,
-    cost: CostModel | Calibration | None = None,
-    stack: DecoderStack | None = None,
-) -> dict:
-    """:func:`make_selection` as its JSON dict (:meth:`Selection.to_dict`); kept for callers not yet migrated."""
-    return make_selection(
-        scores,
-        model=model,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        top_pct=top_pct,
-        top_k=top_k,
-        strategy=strategy,
-        target_speedup=target_speedup,
-        cost=cost,
-        stack=stack,
-    ).to_dict()
