@@ -6,14 +6,12 @@ downloads the reference wheel with ``pip download --no-deps`` into a cache folde
 extracts only its ``aletheia_lora/probe.py`` and loads that file under the module name
 ``aletheia_lora_reference_probe``, so it never replaces or shadows the installed package.
 
-Each arm runs in a fresh subprocess (the reference leaves the model in train mode with every weight frozen,
-and peak RSS is per process), arms interleaved over repeats. Per arm: wall time of the probe call, forward
-passes (a forward pre-hook on the model, which also records which rows went in), peak RSS growth during the
-probe (the kernel's high-water mark, reset just before the call, plus a 2 ms sampling thread as a check), and
-the per-layer scores. The parent process runs no model; the arms build the model and rows themselves and report
-fingerprints, which must agree. The measuring helpers come from ``aletheia_lora.bench.measure``; this file
-imports the package only inside functions, after a worker has loaded its model, so the reference arm's record
-still says whether its model loader pulled our package in (``ours_imported``).
+Each arm runs in a fresh subprocess, the sibling ``probe_worker.py`` (the reference leaves the model in train
+mode with every weight frozen, and peak RSS is per process), arms interleaved over repeats. Per arm: wall time of
+the probe call, forward passes (a forward pre-hook on the model, which also records which rows went in), peak RSS
+growth during the probe (the kernel's high-water mark, reset just before the call, plus a 2 ms sampling thread as
+a check), and the per-layer scores. This process runs no model; the arms build the model and rows themselves and
+report fingerprints, which must agree.
 
     .venv/bin/python bench/probe_vs_reference.py [--config bench/configs/probe_vs_reference.yaml]
         [--model tiny|bundled|PATH] [--out bench/results] [--repeats N] [--render-only]
@@ -37,15 +35,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
+
+from aletheia_lora.bench.config import read_settings
+from aletheia_lora.bench.measure import cache_dir, package_versions
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "bench" / "configs" / "probe_vs_reference.yaml"
 DEFAULT_OUT = REPO / "bench" / "results"
 NAME = "probe_vs_reference"
-REFERENCE_MODULE = "aletheia_lora_reference_probe"
+WORKER = Path(__file__).resolve().with_name("probe_worker.py")  # one arm, one process
 # What the reference probe.py may import; anything else and it is not loaded.
 REFERENCE_IMPORTS = {"gc", "re", "contextlib", "typing", "torch", "torch.utils.data"}
 SCORE_TARGET = 1e-4
@@ -56,10 +56,6 @@ ARM_LABELS = {"ours": "ours (one pass per batch)", "reference": "reference 0.1.2
 # --------------------------------------------------------------------------------------------------------------
 # The reference package
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _top_level_imports(source: str) -> set[str]:
@@ -104,7 +100,7 @@ def fetch_reference(package: str, version: str, cache_dir: Path) -> dict:
         wheels = [cache_dir / got[-1].name]
         info["source"] = "downloaded"
     wheel = wheels[-1]
-    info.update(wheel=wheel.name, wheel_sha256=_sha256(wheel))
+    info.update(wheel=wheel.name, wheel_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest())
     try:
         with zipfile.ZipFile(wheel) as z:
             source = z.read("aletheia_lora/probe.py")
@@ -125,211 +121,12 @@ def fetch_reference(package: str, version: str, cache_dir: Path) -> dict:
     return info
 
 
-def load_reference_probe(path: str):
-    """Import the reference probe.py under its own module name; ``aletheia_lora`` stays ours."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(REFERENCE_MODULE, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # --------------------------------------------------------------------------------------------------------------
-# One arm, in its own process
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _load_pretrained(name: str):
-    """(model, tokenizer) in float32 on the CPU, by the library's loader."""
-    from aletheia_lora.models import load_model_and_tokenizer
-
-    return load_model_and_tokenizer(name, dtype="float32")
-
-
-def _stdlib_rows(tokenizer, seq_len: int, num_rows: int) -> tuple[list[list[int]], list[str]]:
-    """Rows of real text: the standard library's top-level public modules, sorted, joined by EOS."""
-    import sysconfig
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    need = seq_len * num_rows
-    ids: list[int] = []
-    used = []
-    eos = tokenizer.eos_token_id
-    for path in sorted(stdlib.glob("*.py")):
-        if path.name.startswith("_"):
-            continue
-        ids += tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-        if eos is not None:
-            ids.append(eos)
-        used.append(path.name)
-        if len(ids) >= need:
-            break
-    if len(ids) < need:
-        raise RuntimeError(f"the standard library gave {len(ids)} tokens, fewer than {need}")
-    return [ids[i * seq_len : (i + 1) * seq_len] for i in range(num_rows)], used
-
-
-def build_model_and_rows(spec: dict):
-    """The arm's model (float32, CPU, as loaded) and its rows as a LongTensor [num_rows, seq_len]."""
-    import torch
-
-    data = spec["data"]
-    info: dict = {}
-    if spec["model"]["kind"] == "tiny":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        m = spec["model"]
-        config = LlamaConfig(
-            num_hidden_layers=m["num_layers"],
-            hidden_size=m["hidden_size"],
-            intermediate_size=m["intermediate_size"],
-            num_attention_heads=m["num_attention_heads"],
-            num_key_value_heads=m["num_key_value_heads"],
-            vocab_size=m["vocab_size"],
-            max_position_embeddings=max(256, data["seq_len"]),
-            pad_token_id=0,
-        )
-        torch.manual_seed(m["init_seed"])
-        model = LlamaForCausalLM(config).float().eval()
-        generator = torch.Generator().manual_seed(data["data_seed"])
-        rows = torch.randint(1, m["vocab_size"], (data["num_rows"], data["seq_len"]), generator=generator)
-        info["text"] = f"random token ids (seed {data['data_seed']})"
-    else:
-        model, tokenizer = _load_pretrained(spec["model"]["name"])
-        model = model.float().eval()
-        row_ids, files = _stdlib_rows(tokenizer, data["seq_len"], data["num_rows"])
-        rows = torch.tensor(row_ids, dtype=torch.long)
-        info["text"] = f"Python {platform.python_version()} standard library: {', '.join(files)}"
-    return model, rows, info
-
-
-def run_worker(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    import torch
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    if spec["torch_threads"]:
-        torch.set_num_threads(int(spec["torch_threads"]))
-    arm, probe = spec["arm"], spec["probe"]
-    model, rows, data_info = build_model_and_rows(spec)
-    # Whether the model loader pulled our package in: checked before the measuring helpers below import it.
-    ours_imported = "aletheia_lora" in sys.modules
-    from aletheia_lora.bench.measure import (
-        ForwardLog,
-        PeakRss,
-        model_fingerprint,
-        own_cpu_s,
-        system_busy_s,
-        wait_for_quiet,
-        warm_up,
-    )
-
-    num_layers = int(model.config.num_hidden_layers)
-    dataset = [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in rows]
-
-    def reference_loader():  # exactly the DataLoader the reference builds
-        return torch.utils.data.DataLoader(
-            dataset,
-            batch_size=1,
-            shuffle=True,
-            drop_last=True,
-            num_workers=0,
-            generator=torch.Generator().manual_seed(probe["seed"]),
-        )
-
-    if arm == "ours":
-        import aletheia_lora
-        from aletheia_lora.probe import gradient_probe
-
-        def call(data):
-            return gradient_probe(
-                model,
-                data,
-                num_layers,
-                probe["probe_batches"],
-                probe["chunk_size"],
-                seed=probe["seed"],
-                progress=False,
-            )
-
-        impl = {"module": "aletheia_lora.probe", "version": aletheia_lora.__version__}
-        impl["probe_sha256"] = _sha256(Path(sys.modules["aletheia_lora.probe"].__file__))
-    else:
-        reference = load_reference_probe(spec["reference_probe"])
-
-        def call(data):
-            return reference.gradient_probe(
-                model, data, num_layers, probe["probe_batches"], probe["chunk_size"], seed=probe["seed"]
-            )
-
-        # The reference file is its own module; ours_imported only says whether the model loader pulled ours in.
-        impl = {
-            "module": REFERENCE_MODULE,
-            "file": spec["reference_probe"],
-            "ours_imported": ours_imported,
-        }
-
-    result = {
-        "arm": arm,
-        "impl": impl,
-        "num_layers": num_layers,
-        "model_fingerprint": model_fingerprint(model),
-        "data_fingerprint": hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16],
-        "data": data_info,
-        "torch_threads": torch.get_num_threads(),
-        "params": sum(p.numel() for p in model.parameters()),
-    }
-    if spec.get("warmup"):
-        result["warmup"] = warm_up(model, rows)
-    log = ForwardLog(model, rows)
-    import gc
-
-    gc.collect()
-    if spec.get("quiet"):
-        # Other processes may use the cores the probe's threads leave free, plus the threshold.
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        allowed = max(cpus - torch.get_num_threads(), 0) + spec["quiet"]["threshold_cores"]
-        result["other_load_allowed"] = allowed
-        result["quiet_wait"] = wait_for_quiet(spec["quiet"]["max_wait_s"], allowed)
-    with PeakRss() as mem:
-        busy0, own0, start = system_busy_s(), own_cpu_s(), time.perf_counter()
-        scores = call(dataset)
-        wall, own, busy = time.perf_counter() - start, own_cpu_s() - own0, system_busy_s() - busy0
-    result.update(
-        wall_s=wall,
-        cpu_s=own,
-        # Cores that other processes kept busy during the probe: on a shared machine, the timings' noise.
-        other_cores_busy=max(busy - own, 0.0) / wall,
-        forward_passes=log.calls,
-        rows_seen=log.rows,
-        scores=[float(scores[i]) for i in range(num_layers)],
-        **mem.result(),
-        training_after=model.training,
-        trainable_params_after=sum(p.numel() for p in model.parameters() if p.requires_grad),
-    )
-    if arm == "ours" and spec.get("same_rows_run"):
-        # Ours again, fed the reference's own DataLoader: scores on exactly the reference's rows.
-        log.reset()
-        same = call(reference_loader())
-        result["same_rows"] = {
-            "scores": [float(same[i]) for i in range(num_layers)],
-            "rows_seen": log.rows,
-            "forward_passes": log.calls,
-        }
-    log.handle.remove()
-    Path(spec["result"]).write_text(json.dumps(result))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The parent: configuration, interleaved runs, summary, rendering
+# Configuration, interleaved runs, summary, rendering
 # --------------------------------------------------------------------------------------------------------------
 
 
 def load_config(path: Path) -> dict:
-    from aletheia_lora.bench.config import read_settings
-
     try:
         return read_settings(path)
     except ValueError as exc:
@@ -360,7 +157,7 @@ def run_arm(spec: dict, workdir: Path, tag: str) -> dict:
     spec_path = workdir / f"{tag}.spec.json"
     spec_path.write_text(json.dumps(spec))
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_path)],
+        [sys.executable, str(WORKER), str(spec_path)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -497,8 +294,6 @@ def machine_info() -> dict:
                 info["mem_total_gib"] = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
-    from aletheia_lora.bench.measure import package_versions
-
     return {**info, **package_versions()}
 
 
@@ -659,12 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="runs per arm (default: the config's)")
     parser.add_argument("--reference-dir", type=Path, help="cache folder of the reference wheel")
     parser.add_argument("--render-only", action="store_true", help="re-render the Markdown from the existing JSON")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.worker:
-        run_worker(args.worker)
-        return 0
     if args.render_only:
         json_path = args.out / f"{NAME}.json"
         data = json.loads(json_path.read_text())
@@ -678,8 +469,6 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or repeats
     probe = config["probe"]
     ref_cfg = config["reference"]
-    from aletheia_lora.bench.measure import cache_dir
-
     reference_dir = args.reference_dir or cache_dir("reference", ref_cfg["version"])
     reference = fetch_reference(ref_cfg["package"], ref_cfg["version"], reference_dir)
     if reference["available"]:

@@ -17,6 +17,9 @@ CONFIG = REPO / "bench" / "configs" / "families.yaml"
 
 
 def _module():
+    # bench/families.py imports its sibling families_report, as it does when run as a script
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("bench_families", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
