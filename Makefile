@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 OUT ?= runs/demo
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench dist clean
 
 setup: $(VENV)/.installed
 
@@ -22,8 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 run: setup
 	$(BIN)/aletheia-lora run --out $(OUT) --overwrite
 
+# ALETHEIA_TEST_TORCH: the torch that tests/test_install.py puts in its fresh environment beside the built wheel
 test: setup
-	$(BIN)/python -m pytest -q
+	ALETHEIA_TEST_TORCH="$(TORCH)" $(BIN)/python -m pytest -q
 
 # The committed benchmark figures: each rewrites its JSON, tables and docs page (tens of minutes on 2 cores).
 bench: setup
@@ -35,5 +36,11 @@ lint: setup
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
 
+# The sdist and wheel in dist/, through setuptools' PEP 517 hooks (what `python -m build --no-isolation` calls).
+dist: setup
+	rm -rf dist build
+	$(BIN)/python -c "from setuptools import build_meta as b; b.build_sdist('dist'); b.build_wheel('dist')"
+	@ls dist
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build dist *.egg-info src/*.egg-info

@@ -7,7 +7,7 @@ from aletheia_lora.probe import LayerScores, gradient_probe
 from aletheia_lora.ranks import RankAllocation, allocate_ranks
 from aletheia_lora.select import Selection, select_layers, selection_frontier
 
-__version__ = "0.2.0"
+__version__ = "0.2.0"  # the one place the version is written: pyproject.toml reads this literal
 
 __all__ = [
     "DecoderStack",
