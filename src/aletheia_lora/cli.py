@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import json
 import logging
 import re
 import shlex
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aletheia_lora import __version__
+from aletheia_lora.checks import shown
 
 if TYPE_CHECKING:  # the CLI imports the library lazily, so that --help answers fast
     from aletheia_lora.select import Selection
@@ -188,6 +188,8 @@ def _selection_from_scores(args: argparse.Namespace) -> Selection:
     from aletheia_lora.probe import LayerScores
     from aletheia_lora.select import SelectConfig, make_selection
 
+    if args.scores is None:
+        raise ValueError("give --scores FILE (the scores.json of `aletheia-lora probe`)")
     settings = _build(SelectConfig, args)
     if settings.calibrate:
         raise ValueError("--calibrate times LoRA steps on a model: give it to `aletheia-lora probe`, `train` or `run`")
@@ -224,6 +226,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
     layers = _selected_layers(args)
     lora = _build(LoraSettings, args).kwargs()
     model = None
+    if lora["rank_allocation"] == "scores" and args.scores is None:
+        raise ValueError(
+            "--rank-allocation scores needs --scores FILE (which selects the layers too): ranks follow the layers' "
+            "probe scores"
+        )
     if args.model:
         from aletheia_lora.models import ModelConfig
 
@@ -233,6 +240,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
     else:
         if lora["rank_allocation"] != "uniform":
             raise ValueError("--rank-allocation scores needs --model (ranks are budgeted on its module shapes)")
+        if lora["target_experts"]:
+            raise ValueError("--target-experts needs --model: fused expert weights are found on the model")
         for key in ("target_experts", "rank_allocation", "rank_by"):
             lora.pop(key)
         config = aletheia_lora_config(layers, **lora)
@@ -252,6 +261,8 @@ def _cmd_train(args: argparse.Namespace, evaluate: bool = False) -> int:
     from aletheia_lora.pipeline import run_pipeline, summary_table
 
     config = _run_config(args)
+    if args.layers is not None and config.lora.rank_allocation == "scores":  # answered before loading the model
+        raise ValueError("--rank-allocation scores needs probe scores: drop --layers (the probe or --scores selects)")
     if args.quiet:
         config.train.progress = False
     report = run_pipeline(
@@ -294,24 +305,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _load_config_file(path: str) -> dict:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ValueError(f"--config: cannot read {path!r}: {exc.strerror or exc}") from None
-    try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
+    from aletheia_lora.checks import read_data_file
 
-            values = yaml.safe_load(text)
-        else:
-            values = json.loads(text)
-    except Exception as exc:  # yaml and json raise different errors; both mean the same to the user
-        raise ValueError(
-            f"--config: {path!r} is not valid {'YAML' if path.endswith(('yaml', 'yml')) else 'JSON'}: "
-            f"{str(exc).splitlines()[0]}"
-        ) from None
+    try:  # YAML for .yaml/.yml, else JSON; within the size, nesting and expanded-size limits of the reader
+        values = read_data_file(path)
+    except ValueError as exc:
+        raise ValueError(f"--config: {exc}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"--config: {path!r} must hold a mapping of flag names to values")
+        raise ValueError(f"--config: {shown(path)} must hold a mapping of flag names to values")
     return values
 
 
@@ -352,7 +353,8 @@ def _flatten_config(values: dict, groups: set[str], path: str) -> tuple[dict[str
         if name in flat:
             if not (group and name in nested and flat[name] == value):
                 raise ValueError(
-                    f"--config: {path!r} gives the setting {name} twice, as {spelled[name]!r} and {where!r}"
+                    f"--config: {shown(path)} gives the setting {name} twice, "
+                    f"as {shown(spelled[name])} and {shown(where)}"
                 )
             return
         flat[name], spelled[name] = value, where
@@ -426,16 +428,58 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, parsers
 
 
+# Flags that say the same thing two ways (the API refuses both at once): given both, the user meant one of them.
+_EXCLUSIVE = (("top_pct", "top_k"), ("layers", "scores"))
+
+
+def _given_on_command_line(argv: list[str] | None, command: str) -> set[str]:
+    """The settings the command line gives, told apart from defaults (``--top-pct 50`` is given, 50 by default
+    is not): the command's flags parsed with no defaults at all."""
+    parser, parsers = build_parser()
+    sub = parsers[command]
+    sub._defaults.clear()
+    for action in sub._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def _refuse_conflicts(args: argparse.Namespace, given: set[str], from_file: dict[str, Any], path: str | None) -> None:
+    """Refuse two flags of :data:`_EXCLUSIVE` given together; one on the command line wins over the other given
+    only by the config file (which is dropped from ``from_file``), as the command line wins everywhere."""
+
+    def given_as(name: str, value: Any) -> str:
+        return f"{_flag(name)} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+
+    for a, b in _EXCLUSIVE:
+        on_line = [name for name in (a, b) if name in given]
+        in_file = [name for name in (a, b) if name in from_file and name not in given]
+        if len(on_line) == 2:
+            raise ValueError(
+                f"give {_flag(a)} or {_flag(b)}, not both "
+                f"({given_as(a, getattr(args, a))}, {given_as(b, getattr(args, b))})"
+            )
+        if on_line:
+            for name in in_file:
+                del from_file[name]
+        elif len(in_file) == 2:
+            raise ValueError(
+                f"--config: {shown(path)} gives both {a} ({shown(from_file[a])}) and {b} "
+                f"({shown(from_file[b])}); keep one"
+            )
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     from aletheia_lora.files import check_config_output_path
 
     parser, parsers = build_parser()
     args = parser.parse_args(argv)
+    given = _given_on_command_line(argv, args.command)
+    sub = parsers[args.command]
+    defaults = {action.dest: action.default for action in sub._actions}
+    values: dict[str, Any] = {}
     if args.config:
         values, spelled = _flatten_config(_load_config_file(args.config), _group_names(args.command), args.config)
-        sub = parsers[args.command]
-        known = {action.dest for action in sub._actions}
-        unknown = sorted(spelled[name] for name in set(values) - known)
+        unknown = sorted(spelled[name] for name in set(values) - set(defaults))
         if unknown:
             raise ValueError(f"--config: unknown setting(s) {unknown} for `aletheia-lora {args.command}`")
         if values.get("trust_remote_code") is True:
@@ -446,15 +490,41 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         for key in ("out", "docs"):
             if key in values:
                 values[key] = check_config_output_path(values[key], key)
+    # a file's value equal to the default gives nothing (a run_config.json holds every setting, top_pct: 50 too)
+    set_in_file = {name: value for name, value in values.items() if not _same_setting(value, defaults.get(name))}
+    _refuse_conflicts(args, given, set_in_file, args.config)
+    if values:
+        values = {name: value for name, value in values.items() if name in set_in_file or name in given}
         sub.set_defaults(**values)
         args = parser.parse_args(argv)
     return args
+
+
+def _same_setting(value: Any, default: Any) -> bool:
+    """Whether a config file's value is the flag's default ("none" is None in a config file)."""
+    if isinstance(value, str) and value.lower() == "none":
+        value = None
+    return value == default and isinstance(value, bool) == isinstance(default, bool)
 
 
 def _say(line: str) -> None:
     # One write per line: several ranks share stderr, and print() writes the newline separately.
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+
+
+# An error line is at most this long: a message may quote what the user gave, and that may be anything.
+MAX_MESSAGE = 400
+
+
+def _error_line(text: str, fallback: str) -> str:
+    """The message's first line, at most :data:`MAX_MESSAGE` characters (an ellipsis marks a cut), with control
+    characters escaped so that no quoted input can move the cursor or recolour the terminal."""
+    head = text[: 4 * MAX_MESSAGE].strip()  # the first line is in here, or is cut anyway
+    line = head.splitlines()[0] if head else fallback
+    if len(line) > MAX_MESSAGE:
+        line = line[: MAX_MESSAGE - 3] + "..."
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -492,13 +562,13 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if debug and not isinstance(exc, _UsageError):
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        _say(f"aletheia-lora: error: {message}")
+        _say(f"aletheia-lora: error: {_error_line(str(exc), type(exc).__name__)}")
         return 2
     except OSError as exc:  # a full disk, a vanished folder: the user's environment, not a bug
         if debug:
             raise
-        _say(f"aletheia-lora: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+        message = f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+        _say(f"aletheia-lora: error: {_error_line(message, type(exc).__name__)}")
         return 2
     except KeyboardInterrupt:
         _say("aletheia-lora: interrupted")

@@ -25,8 +25,10 @@ captures what FLOPs miss (on CPUs the small rank-r products of the adapters cost
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import combinations
 from typing import Any
 
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from aletheia_lora.checks import check_bool, check_int, check_names, check_number, validate_selected_layers
+from aletheia_lora.frontier import StepTerms
 from aletheia_lora.layers import (
     DecoderStack,
     config_num_layers,
@@ -306,10 +309,41 @@ class CostModel:
             trainable_params=params,
         )
 
+    def step_terms(self) -> StepTerms:
+        """The step's FLOPs as ``by_lowest[lowest adapted block] + fsum(by_layer[i] for i in adapted blocks)``.
+
+        :meth:`speedup` is computed from these, so a selection frontier can cost each of its candidates in O(1).
+        """
+        return self._terms
+
+    @cached_property
+    def _terms(self) -> StepTerms:
+        n, recompute = self.num_layers, 1.0 if self.gradient_checkpointing else 0.0
+        reached = [self.block_backward[i] + recompute * self.block_forward[i] for i in range(n)]
+        suffix, by_lowest = 0.0, [0.0] * n
+        for i in range(n - 1, -1, -1):
+            suffix += reached[i]
+            by_lowest[i] = suffix
+        fixed = sum(self.block_forward) + self.head_forward + self.head_backward
+        if self.backward_to_embeddings:
+            by_lowest = [by_lowest[0]] * n
+        by_layer = tuple(
+            (1.0 + recompute) * self.lora_forward[i]
+            + self.lora_backward[i]
+            + self.optimizer_flops_per_param * self.lora_params[i]
+            for i in range(n)
+        )
+        return StepTerms(tuple(fixed + x for x in by_lowest), by_layer)
+
     def speedup(self, selected_layers: Iterable[int]) -> float:
         """Predicted step-time ratio: LoRA on every block / LoRA on ``selected_layers`` (> 1 is faster)."""
-        selected = self.step_cost(selected_layers).total
-        return self.step_cost(range(self.num_layers)).total / selected
+        layers = validate_selected_layers(selected_layers, self.num_layers)
+        terms = self._terms
+
+        def flops(adapted: Sequence[int]) -> float:
+            return terms.by_lowest[adapted[0]] + math.fsum(terms.by_layer[i] for i in adapted)
+
+        return flops(range(self.num_layers)) / flops(layers)
 
     def __call__(self, selected_layers: Iterable[int]) -> float:
         return self.speedup(selected_layers)
@@ -475,6 +509,14 @@ class Calibration:
     def speedup(self, selected_layers: Iterable[int]) -> float:
         """Predicted step-time ratio: every block adapted / ``selected_layers`` adapted."""
         return self.step_time(range(self.num_layers)) / self.step_time(selected_layers)
+
+    def step_terms(self) -> StepTerms:
+        """The step time as ``by_lowest[lowest adapted block] + fsum(by_layer[i] for i in adapted blocks)``: what
+        :meth:`step_time` computes (``fsum`` of ``n`` equal terms rounds as their product does)."""
+        n = self.num_layers
+        reached = [n if self.backward_to_embeddings else n - m for m in range(n)]
+        by_lowest = tuple(self.fixed_s + self.per_backward_block_s * r for r in reached)
+        return StepTerms(by_lowest, (self.per_adapted_block_s,) * n)
 
     def __call__(self, selected_layers: Iterable[int]) -> float:
         return self.speedup(selected_layers)

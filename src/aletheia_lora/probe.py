@@ -7,7 +7,6 @@ at about one weight tensor, far below ``chunk_size`` blocks. The model is left e
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import numbers
@@ -16,7 +15,6 @@ import zlib
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,7 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from aletheia_lora.checks import check_bool, check_choice, check_int
+from aletheia_lora.checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    is_empty_sequence,
+    parse_layer_scores,
+    read_data_file,
+    shown,
+)
 from aletheia_lora.data import IGNORE_INDEX, check_max_length, pad_collate
 from aletheia_lora.distributed import (
     agree,
@@ -46,6 +52,8 @@ METRICS = {
     "fisher": "sum of squared gradients over a block's weights (empirical Fisher diagonal trace)",
     "grad_weight": "sum of |gradient x weight| over a block's weights (first-order Taylor importance)",
 }
+# torch.Generator.manual_seed takes seeds in [0, 2**64)
+SEED_MAX = 2**64 - 1
 # Probes running now (re-probing runs one inside a training loop): monitors of the training pass skip them.
 _running = 0
 
@@ -67,13 +75,16 @@ class ProbeConfig:
     metric: str = field(
         default="grad_norm", metadata={"help": "Probe score: " + "; ".join(f"{k}: {v}" for k, v in METRICS.items())}
     )
-    probe_seed: int = field(default=42, metadata={"help": "Seed of the probe's batch sampling."})
+    probe_seed: int = field(
+        default=42, metadata={"help": "Seed of the probe's batch sampling, from 0 to 2**64 - 1 (as torch takes it)."}
+    )
 
     def __post_init__(self) -> None:
         for name in ("probe_batches", "probe_batch_size", "chunk_size"):
             check_int("--" + name.replace("_", "-"), getattr(self, name), minimum=1)
         check_choice("--metric", self.metric, METRICS)
-        check_int("--probe-seed", self.probe_seed)
+        # checked here, not only by gradient_probe: the CLI answers before it loads a model
+        check_int("--probe-seed", self.probe_seed, minimum=0, maximum=SEED_MAX)
 
     def kwargs(self) -> dict:
         """Keyword arguments for :func:`gradient_probe`."""
@@ -102,33 +113,27 @@ class LayerScores(dict):
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> LayerScores:
-        """Read scores written by :meth:`to_json` (or a plain ``{"0": 1.5, ...}`` object)."""
-        try:
-            payload = json.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read scores file {str(path)!r}: {e}") from e
-        except json.JSONDecodeError as e:
-            raise ValueError(f"scores file {str(path)!r} is not valid JSON: {e}") from e
+        """Read scores written by :meth:`to_json` (or a plain ``{"0": 1.5, ...}`` object), with their ``meta``.
+
+        Layer keys are written as :meth:`to_json` writes them, ``"0"``, ``"1"``, ...: a key with a sign, spaces,
+        decimals or leading zeros (``"00"`` would silently merge with ``"0"``) is refused, as is a key given
+        twice. The file is read within the limits of :func:`~aletheia_lora.checks.read_data_file`.
+
+        Raises:
+            ValueError: the file cannot be read, breaks a limit, is not JSON, or holds a bad key or score.
+        """
+        where = f"scores file {shown(str(path))}"
+        payload = read_data_file(path, label="scores file", fmt="json")
         raw = payload.get("scores", payload) if isinstance(payload, dict) else None
         if not isinstance(raw, dict) or not raw:
-            raise ValueError(f"scores file {str(path)!r} holds no layer scores (expected {{'scores': {{'0': ...}}}})")
-        scores = {}
-        for key, value in raw.items():
-            try:
-                layer = int(key)
-            except (TypeError, ValueError):
-                raise ValueError(f"scores file {str(path)!r}: layer key {key!r} is not an integer") from None
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(
-                    f"scores file {str(path)!r}: score of layer {layer} is {value!r}, not a finite number"
-                )
-            scores[layer] = float(value)
+            raise ValueError(f"{where} holds no layer scores (expected {{'scores': {{'0': ...}}}})")
         meta = payload.get("meta", {}) if "scores" in payload else {}
-        return cls(scores, meta if isinstance(meta, dict) else {})
+        return cls(parse_layer_scores(raw, where), meta if isinstance(meta, dict) else {})
 
 
-def _take_rows(dataset, n_rows: int, seed: int) -> list:
-    """Up to ``n_rows`` rows: a seeded sample of a sized dataset (the reference's order), else the first ones."""
+def _take_rows(dataset, n_rows: int, seed: int) -> tuple[list, list[int]]:
+    """Up to ``n_rows`` rows and their indices in the dataset: a seeded sample of a sized dataset (the reference's
+    order), else the first ones."""
     if (
         isinstance(dataset, (str, bytes, Mapping))
         or not isinstance(dataset, Iterable)
@@ -151,12 +156,13 @@ def _take_rows(dataset, n_rows: int, seed: int) -> list:
             generator=torch.Generator().manual_seed(seed),
             collate_fn=lambda batch: batch[0],
         )
-        rows = []
+        rows, indices = [], []
         for index in order:
             if len(rows) == n_rows:
                 break
             rows.append(dataset[index])
-        return rows
+            indices.append(int(index))
+        return rows, indices
     rows = []
     for row in dataset:
         rows.append(row)
@@ -164,10 +170,14 @@ def _take_rows(dataset, n_rows: int, seed: int) -> list:
             break
     if not rows:
         raise ValueError("dataset is empty: the probe needs at least one tokenized row")
-    return rows
+    return rows, list(range(len(rows)))
 
 
-def _probe_batches(dataset, probe_batches: int, batch_size: int, seed: int, pad_token_id: int) -> list[dict]:
+def _probe_batches(
+    dataset, probe_batches: int, batch_size: int, seed: int, pad_token_id: int
+) -> tuple[list[dict], list[int] | None]:
+    """The probe's padded batches, and the dataset index of each of their rows (None for a DataLoader's)."""
+    indices = None
     if isinstance(dataset, torch.utils.data.DataLoader):
         batches = []
         for batch in dataset:
@@ -179,26 +189,52 @@ def _probe_batches(dataset, probe_batches: int, batch_size: int, seed: int, pad_
         if not batches:
             raise ValueError("dataset is empty: the DataLoader yielded no batch")
     else:
-        rows = _take_rows(dataset, probe_batches * batch_size, seed)
+        rows, indices = _take_rows(dataset, probe_batches * batch_size, seed)
+        for row, index in zip(rows, indices):
+            if isinstance(row, Mapping) and "input_ids" in row and is_empty_sequence(row["input_ids"]):
+                raise ValueError(f"dataset row {index}: 'input_ids' is empty; a row needs at least 2 tokens")
         batches = [pad_collate(rows[i : i + batch_size], pad_token_id) for i in range(0, len(rows), batch_size)]
     if len(batches) < probe_batches:
         logger.warning(
             "dataset holds %d probe batches, fewer than probe_batches=%d: using those", len(batches), probe_batches
         )
-    return batches
+    return batches, indices
 
 
-def _causal_lm_loss(
-    model: nn.Module, batch: Mapping, device: torch.device, vocab_size: int | None
-) -> tuple[torch.Tensor, int]:
+def _check_token_ids(batches: list[dict], vocab_size: int | None, indices: list[int] | None, batch_size: int) -> None:
+    """Refuse, before any forward pass, token ids and labels that the embedding or the loss would index out of range
+    (an IndexError deep in torch; on CUDA a device-side assert). Labels may be -100; those under padding are unread.
+    """
+    for b, batch in enumerate(batches):
+        ids = torch.as_tensor(batch["input_ids"])
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"probe batch {b}: input_ids must hold integers, got {ids.dtype}")
+        ids = ids.view(-1, ids.shape[-1]) if ids.numel() else ids
+        checked = [("input_ids", ids, torch.ones_like(ids, dtype=torch.bool))]
+        if batch.get("labels") is not None and vocab_size is not None:
+            labels = torch.as_tensor(batch["labels"]).view_as(ids)
+            mask = batch.get("attention_mask")
+            read = labels != IGNORE_INDEX if mask is None else (labels != IGNORE_INDEX) & (torch.as_tensor(mask) != 0)
+            checked.append(("labels", labels, read.view_as(ids)))
+        for key, values, read in checked if vocab_size is not None else ():
+            bad = read & ((values < 0) | (values >= vocab_size))
+            if bad.any():
+                j, position = (int(x) for x in bad.nonzero()[0])
+                row = indices[b * batch_size + j] if indices is not None else None
+                where = f"dataset row {row} (probe batch {b})" if row is not None else f"probe batch {b}, row {j}"
+                what, hint = ("token id", "was the data tokenized for this model?")
+                if key == "labels":
+                    what, hint = ("label", "a label is a token id, or -100 for a token left out of the loss")
+                raise ValueError(
+                    f"{where}: {key} hold token ids outside the model's vocabulary [0, {vocab_size}) "
+                    f"({what} {int(values[j, position])} at position {position}); {hint}"
+                )
+
+
+def _causal_lm_loss(model: nn.Module, batch: Mapping, device: torch.device) -> tuple[torch.Tensor, int]:
     input_ids = torch.as_tensor(batch["input_ids"]).to(device)
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
-    if vocab_size is not None and (int(input_ids.max()) >= vocab_size or int(input_ids.min()) < 0):
-        raise ValueError(
-            f"input_ids hold token ids outside the model's vocabulary [0, {vocab_size}) "
-            f"(min {int(input_ids.min())}, max {int(input_ids.max())}); was the data tokenized for this model?"
-        )
     mask = batch.get("attention_mask")
     mask = torch.ones_like(input_ids) if mask is None else torch.as_tensor(mask).to(device).view_as(input_ids)
     labels = batch.get("labels")
@@ -346,11 +382,11 @@ def gradient_probe(
     for name, value in (("probe_batches", probe_batches), ("chunk_size", chunk_size), ("batch_size", batch_size)):
         check_int(name, value, minimum=1)
     check_int("seed", seed)
-    if not 0 <= seed < 2**64:  # what torch.Generator.manual_seed accepts
-        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {shown(seed)}")
     check_choice("metric", metric, sorted(METRICS))
     if compute_dtype is not None and not isinstance(compute_dtype, torch.dtype):
-        raise TypeError(f"compute_dtype must be a torch.dtype or None, got {compute_dtype!r}")
+        raise TypeError(f"compute_dtype must be a torch.dtype or None, got {shown(compute_dtype)}")
     if compute_dtype is not None and not compute_dtype.is_floating_point:
         raise ValueError(f"compute_dtype must be a floating-point dtype, got {compute_dtype}")
     check_bool("progress", progress)
@@ -392,7 +428,7 @@ def gradient_probe(
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {shown(device)}") from None
     comm_device = collective_device(device) if collective else None
     if pad_token_id is None:
         config = getattr(base, "config", None)
@@ -401,20 +437,22 @@ def gradient_probe(
             eos = getattr(config, "eos_token_id", None)
             pad_token_id = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
         pad_token_id = int(pad_token_id) if isinstance(pad_token_id, numbers.Integral) else 0
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    vocab_size = getattr(embeddings, "num_embeddings", None)
     if collective:
         # Every rank draws the same global sample; a failure on one rank is raised on all of them.
-        batches = fail_together(
+        batches, indices = fail_together(
             _probe_batches, dataset, probe_batches, batch_size, seed, pad_token_id, device=comm_device
         )
         _check_same_batches(batches, comm_device)
     else:
-        batches = _probe_batches(dataset, probe_batches, batch_size, seed, pad_token_id)
+        batches, indices = _probe_batches(dataset, probe_batches, batch_size, seed, pad_token_id)
+    # every rank holds the same batches and model, so a bad batch stops all of them here, before any collective
+    _check_token_ids(batches, vocab_size, indices, batch_size)
     longest = max(torch.as_tensor(b["input_ids"]).shape[-1] for b in batches)
     check_max_length(longest, base, name="probe batch length")
     mine = batches if sharded or not collective else batches[rank::world]
 
-    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
-    vocab_size = getattr(embeddings, "num_embeddings", None)
     per_block = block_parameters(stack)
     if not any(per_block):
         raise ValueError(f"{type(base).__name__}: the decoder blocks at {stack.path} hold no floating-point weights")
@@ -479,7 +517,7 @@ def gradient_probe(
         for b, batch in enumerate(bar):
             batch_sums.zero_()
             with torch.autocast("cuda", dtype=compute_dtype) if use_autocast else nullcontext():
-                loss, n_tokens = _causal_lm_loss(runner, batch, device, vocab_size)
+                loss, n_tokens = _causal_lm_loss(runner, batch, device)
             index = b if sharded or not collective else rank + b * world
             if not torch.isfinite(loss):
                 raise ValueError(

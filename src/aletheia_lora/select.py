@@ -25,10 +25,12 @@ from aletheia_lora.checks import (
     check_choice,
     check_int,
     check_number,
+    shown,
     validate_scores,
     validate_selected_layers,
 )
 from aletheia_lora.cost import Calibration, CostModel
+from aletheia_lora.frontier import candidates, exact, pareto_flags
 from aletheia_lora.layers import DecoderStack
 
 STRATEGIES = ("score", "contiguous", "truncation")
@@ -49,15 +51,15 @@ def budget_from(num_layers: int, top_pct: float | None, top_k: int | None) -> in
             raise ValueError(f"top_k must be between 1 and the number of layers ({num_layers}), got {top_k}")
         return int(top_k)
     if isinstance(top_pct, bool) or not isinstance(top_pct, numbers.Real):
-        raise TypeError(f"top_pct must be a number between 1 and 100, got {top_pct!r} ({type(top_pct).__name__})")
+        raise TypeError(f"top_pct must be a number between 1 and 100, got {shown(top_pct)} ({type(top_pct).__name__})")
     if not 1 <= top_pct <= 100:
-        raise ValueError(f"top_pct must be between 1 and 100, got {top_pct!r}")
+        raise ValueError(f"top_pct must be between 1 and 100, got {shown(top_pct)}")
     return max(int(num_layers * top_pct / 100), 1)
 
 
 def _budget(scores: dict[int, float], top_pct: float | None, top_k: int | None) -> int:
     if top_k is not None and top_pct not in (None, 50):
-        raise ValueError(f"give top_pct or top_k, not both (top_pct={top_pct!r}, top_k={top_k!r})")
+        raise ValueError(f"give top_pct or top_k, not both (top_pct={shown(top_pct)}, top_k={shown(top_k)})")
     return budget_from(len(scores), None if top_k is not None else top_pct, top_k)
 
 
@@ -86,6 +88,9 @@ class SelectionSummary:
 @dataclass(frozen=True)
 class FrontierPoint(SelectionSummary):
     """One candidate of the ``truncation`` strategy: a lowest block plus the best-scoring blocks above it.
+
+    Its ``layers`` are a tuple, or in a frontier of thousands of layers a :class:`CandidateLayers`, built when
+    first read, that reads, compares and hashes as that tuple.
 
     Attributes:
         pareto: No other candidate captures at least as much score at least as fast (and one of them more).
@@ -119,18 +124,25 @@ def _cost_fn(cost: CostModel | Calibration | Cost | None, scores: Mapping[int, f
 def _speedup(cost: Cost, layers: list[int]) -> float:
     value = cost(list(layers))
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"cost returned {value!r} for layers {layers}; it must return a finite speedup > 0")
+        raise ValueError(
+            f"cost returned {shown(value)} for layers {shown(layers)}; it must return a finite speedup > 0"
+        )
     return float(value)
 
 
-def _total_score(scores: Mapping[int, float]) -> float:
+def _exact_scores(scores: Mapping[int, float]) -> tuple[dict[int, int], int]:
+    """The scores as exact integers (:func:`aletheia_lora.frontier.exact`) and their total, which must be positive.
+
+    Shares are exact ratios rounded once: the same however a candidate's sum was built up.
+    """
     negative = {layer: s for layer, s in scores.items() if s < 0}
     if negative:
-        raise ValueError(f"a captured score share needs non-negative scores; got negative ones: {negative}")
-    total = sum(scores.values())
+        raise ValueError(f"a captured score share needs non-negative scores; got negative ones: {shown(negative)}")
+    exact_scores = {layer: exact(s) for layer, s in scores.items()}
+    total = sum(exact_scores.values())
     if total == 0:
         raise ValueError("every layer score is 0: there is no score share to capture")
-    return total
+    return exact_scores, total
 
 
 def summarize_selection(
@@ -155,10 +167,10 @@ def summarize_selection(
     layers = validate_selected_layers(selected_layers)
     missing = [layer for layer in layers if layer not in scores]
     if missing:
-        raise ValueError(f"selected_layers holds {missing}, which have no score in layer_scores")
-    total = _total_score(scores)
+        raise ValueError(f"selected_layers holds {shown(missing)}, which have no score in layer_scores")
+    exact_scores, total = _exact_scores(scores)
     speedup = _speedup(_cost_fn(cost, scores), layers)
-    return SelectionSummary(tuple(layers), layers[0], sum(scores[i] for i in layers) / total, speedup)
+    return SelectionSummary(tuple(layers), layers[0], sum(exact_scores[i] for i in layers) / total, speedup)
 
 
 def selection_frontier(
@@ -185,20 +197,24 @@ def selection_frontier(
     """
     scores = validate_scores(layer_scores)
     k = _budget(scores, top_pct, top_k)
-    total = _total_score(scores)
-    speedup_of = _cost_fn(cost, scores)
-    ordered = sorted(scores)
-    points = []
-    for position in range(len(ordered) - k + 1):
-        lowest = ordered[position]
-        layers = sorted([lowest, *_top_by_score(scores, ordered[position + 1 :], k - 1)])
-        share = sum(scores[i] for i in layers) / total
-        points.append((tuple(layers), lowest, share, _speedup(speedup_of, layers)))
-    frontier = []
-    for layers, lowest, share, speedup in points:
-        dominated = any(s >= share and v >= speedup and (s > share or v > speedup) for _, _, s, v in points)
-        frontier.append(FrontierPoint(layers, lowest, share, speedup, pareto=not dominated))
-    return frontier
+    return _frontier(scores, k, _cost_fn(cost, scores))
+
+
+def _frontier(scores: dict[int, float], k: int, speedup_of: Cost) -> list[FrontierPoint]:
+    """The candidates (:func:`aletheia_lora.frontier.candidates`, O(n log n)) as points."""
+    exact_scores, total = _exact_scores(scores)
+    # a CostModel or Calibration that splits its cost by layer is costed per candidate in O(1), not called
+    terms = getattr(speedup_of, "step_terms", None) if isinstance(speedup_of, (CostModel, Calibration)) else None
+    found = candidates(
+        scores, k, exact_scores, total, lambda layers: _speedup(speedup_of, layers), terms() if terms else None
+    )
+    pareto = pareto_flags(found.shares, found.speedups)
+    return [
+        FrontierPoint(layers, lowest, share, speedup, pareto=flag)
+        for layers, lowest, share, speedup, flag in zip(
+            found.layers, found.lowest, found.shares, found.speedups, pareto
+        )
+    ]
 
 
 def default_target_speedup(points: Sequence[SelectionSummary]) -> float:
@@ -267,17 +283,28 @@ def select_layers(
     """
     scores = validate_scores(layer_scores)
     k = _budget(scores, top_pct, top_k)
+    _check_strategy(strategy, target_speedup, cost)
+    points = _frontier(scores, k, _cost_fn(cost, scores)) if strategy == "truncation" else []
+    return _choose(scores, k, strategy, target_speedup, points)
+
+
+def _check_strategy(strategy: str, target_speedup: float | None, cost) -> None:
     check_choice("strategy", strategy, STRATEGIES)
     _check_cost(cost)  # also where the strategy ignores it: a wrong argument is a mistake either way
     if target_speedup is not None:
         if strategy != "truncation":
-            raise ValueError(f"target_speedup applies to strategy='truncation', not {strategy!r}")
+            raise ValueError(f"target_speedup applies to strategy='truncation', not {shown(strategy)}")
         check_number("target_speedup", target_speedup, above=0)
+
+
+def _choose(
+    scores: dict[int, float], k: int, strategy: str, target_speedup: float | None, points: list[FrontierPoint]
+) -> list[int]:
+    """The layers of a checked strategy; ``points`` is the frontier, needed by ``truncation`` only."""
     if strategy == "score":
         return sorted(_top_by_score(scores, scores, k))
     if strategy == "contiguous":
         return sorted(scores)[-k:]
-    points = selection_frontier(scores, top_k=k, cost=cost)
     return list(_pick(points, target_speedup, k, len(scores)).layers)
 
 
@@ -310,6 +337,10 @@ class SelectConfig:
         check_choice("--strategy", self.strategy, STRATEGIES)
         if self.top_k is not None:  # the upper bound (the number of layers) is checked at selection
             check_int("--top-k", self.top_k, minimum=1)
+            if self.top_pct not in (None, 50):  # as select_layers: 50 is also what "not given" reads as
+                raise ValueError(
+                    f"give --top-pct or --top-k, not both (--top-pct {shown(self.top_pct)}, --top-k {self.top_k})"
+                )
         else:
             try:
                 budget_from(100, self.top_pct, None)
@@ -318,7 +349,7 @@ class SelectConfig:
         if self.target_speedup is not None:
             check_number("--target-speedup", self.target_speedup, above=0)
             if self.strategy != "truncation":
-                raise ValueError(f"--target-speedup applies to --strategy truncation, not {self.strategy!r}")
+                raise ValueError(f"--target-speedup applies to --strategy truncation, not {shown(self.strategy)}")
         check_bool("--calibrate", self.calibrate)
 
     def kwargs(self) -> dict:
@@ -440,9 +471,10 @@ class Selection:
         if data["strategy"] == GIVEN:
             return replace(cls.given(data["selected_layers"]), probe_seconds=data.get("probe_seconds"))
         points = [(p["lowest_layer"], p["score_share"], p["predicted_speedup"]) for p in data.get("frontier", [])]
+        pareto = pareto_flags([share for _, share, _ in points], [speedup for _, _, speedup in points])
         frontier = tuple(
-            FrontierPoint((), lowest, share, speedup, pareto=not _dominated(share, speedup, points))
-            for lowest, share, speedup in points
+            FrontierPoint((), lowest, share, speedup, pareto=flag)
+            for (lowest, share, speedup), flag in zip(points, pareto)
         )
         alternatives = {
             name: SelectionSummary(tuple(a["layers"]), a["lowest_layer"], a["score_share"], a["predicted_speedup"])
@@ -485,11 +517,6 @@ def _summary_dict(summary: SelectionSummary) -> dict[str, Any]:
         "predicted_speedup": summary.speedup,
         "lowest_layer": summary.lowest_layer,
     }
-
-
-def _dominated(share: float, speedup: float, points: Sequence[tuple[int, float, float]]) -> bool:
-    """As :func:`selection_frontier` marks points: another captures at least as much at least as fast."""
-    return any(s >= share and v >= speedup and (s > share or v > speedup) for _, s, v in points)
 
 
 def calibration_numbers(calibration: Calibration) -> dict[str, Any]:
@@ -535,12 +562,15 @@ def make_selection(
     """
     if cost is None and model is not None:
         cost = CostModel.from_model(model, seq_len=seq_len, batch_size=batch_size, stack=stack)
-    budget = {"top_pct": top_pct, "top_k": top_k}
-    layers = select_layers(scores, **budget, strategy=strategy, target_speedup=target_speedup, cost=cost)
-    summary = summarize_selection(scores, layers, cost=cost)
+    checked = validate_scores(scores)
+    k = _budget(checked, top_pct, top_k)
+    _check_strategy(strategy, target_speedup, cost)
+    # the frontier once (every alternative and the selection.json list use it), in O(n log n)
+    frontier = _frontier(checked, k, _cost_fn(cost, checked))
+    layers = _choose(checked, k, strategy, target_speedup, frontier)
+    summary = summarize_selection(checked, layers, cost=cost)
     alternatives = {
-        name: summarize_selection(scores, select_layers(scores, **budget, strategy=name, cost=cost), cost=cost)
-        for name in STRATEGIES
+        name: summarize_selection(checked, _choose(checked, k, name, None, frontier), cost=cost) for name in STRATEGIES
     }
     return Selection(
         layers=tuple(layers),
@@ -553,6 +583,6 @@ def make_selection(
         predicted_speedup=summary.speedup,
         cost_model=cost.description if cost is not None else UNIFORM_DESCRIPTION,
         alternatives=alternatives,
-        frontier=tuple(selection_frontier(scores, **budget, cost=cost)),
+        frontier=tuple(frontier),
         calibration=calibration_numbers(cost) if isinstance(cost, Calibration) else None,
     )
