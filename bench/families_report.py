@@ -13,7 +13,7 @@ from pathlib import Path
 from aletheia_lora.bench.config import load_result
 from aletheia_lora.bench.render import layer_runs
 from aletheia_lora.files import write_text
-from aletheia_lora.plots import pyplot
+from aletheia_lora.plots import new_figure
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "families"
@@ -137,9 +137,9 @@ def render_markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> Path:
-    plt = pyplot()
     families = [f["family"] for f in result["families"]]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig = new_figure((10, 4.5))
+    ax = fig.add_subplot()
     ax.axhspan(*PAPER_RANGE, color="tab:green", alpha=0.15, label="paper's reported range (15-28%)")
     ax.axhline(1.0, color="black", lw=0.8)
     width = 0.8 / len(SELECTIONS)
@@ -160,7 +160,6 @@ def plot(result: dict, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -178,7 +177,7 @@ def quality_section(quality_path: Path | None) -> list[str]:
     lines = [
         f"From `{repo_relative(quality_path)}` (written by `{data.get('command', 'aletheia-lora bench')}`, "
         f"{data.get('created', '?')}; not re-run here): model {data.get('model', {}).get('name', '?')} "
-        f"({data.get('model', {}).get('num_layers', '?')} layers), {cfg.get('steps', '?')} steps of batch "
+        f"({data.get('model', {}).get('num_layers', '?')} layers), {cfg.get('max_steps', '?')} steps of batch "
         f"{cfg.get('batch_size', '?')} x {cfg.get('max_length', '?')}, target data `{cfg.get('data', '?')}`, "
         f"general data `{cfg.get('general_data', '?')}`; base target loss "
         f"{data.get('base', {}).get('target_loss', float('nan')):.3f}. "

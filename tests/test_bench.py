@@ -41,7 +41,7 @@ TINY = {
     "eval_blocks": 4,
     "general_blocks": 4,
     "batch_size": 2,
-    "steps": STEPS,
+    "max_steps": STEPS,
     "untimed_steps": 1,
     "learning_rate": 0.003,
     "r": 2,
@@ -194,7 +194,7 @@ def test_render_only_without_a_result_is_a_clear_error(tmp_path, capsys):
 
 def test_a_checkpoint_with_text_files_runs_the_real_data_path(tiny_checkpoint, tiny_corpus, tmp_path):
     config = BenchConfig(
-        **{**TINY, "model": str(tiny_checkpoint), "steps": 3, "eval_steps": 3, "arms": ["all", "contiguous"]},
+        **{**TINY, "model": str(tiny_checkpoint), "max_steps": 3, "eval_steps": 3, "arms": ["all", "contiguous"]},
         data=str(tiny_corpus / "target.txt"),
         general_data=str(tiny_corpus / "general.txt"),
         progress=False,
@@ -242,16 +242,40 @@ def test_committed_results_render_their_committed_tables():
 
 
 def test_older_setting_names_are_mapped_in_results_and_named_in_config_files(tmp_path):
+    # the first names (before `untimed_steps`), then `steps`/`lr_schedule` (before `run`'s names): both mapped
     old = {"steps": 60, "warmup_steps": 2, "lr_warmup_steps": 0, "budget_pct": 50, "eval_every": 10}
-    (tmp_path / "train_old.json").write_text(json.dumps({"config": old}))
+    (tmp_path / "train_old.json").write_text(json.dumps({"config": old, "arms": []}))
     config = load_result(tmp_path / "train_old.json")["config"]
-    assert config == {"steps": 60, "untimed_steps": 2, "warmup_steps": 0, "top_pct": 50, "eval_steps": 10}
-    new = {"untimed_steps": 2, "warmup_steps": 1}
-    (tmp_path / "train_new.json").write_text(json.dumps({"config": new}))
+    assert config == {"max_steps": 60, "untimed_steps": 2, "warmup_steps": 0, "top_pct": 50, "eval_steps": 10}
+    middle = {"steps": 60, "untimed_steps": 2, "lr_schedule": "constant", "warmup_steps": 1}
+    (tmp_path / "train_middle.json").write_text(json.dumps({"config": middle, "arms": []}))
+    config = load_result(tmp_path / "train_middle.json")["config"]
+    assert config == {"max_steps": 60, "untimed_steps": 2, "lr_scheduler_type": "constant", "warmup_steps": 1}
+    assert list(config) == ["max_steps", "untimed_steps", "lr_scheduler_type", "warmup_steps"]  # order kept
+    new = {"max_steps": 60, "untimed_steps": 2, "warmup_steps": 1, "lr_scheduler_type": "cosine"}
+    (tmp_path / "train_new.json").write_text(json.dumps({"config": new, "arms": []}))
     assert load_result(tmp_path / "train_new.json")["config"] == new
+    # bench/families.py's result (no arms) keeps `steps`: there it is its own timed steps
+    families = {"untimed_steps": 2, "steps": 10}
+    (tmp_path / "families.json").write_text(json.dumps({"config": families, "families": []}))
+    assert load_result(tmp_path / "families.json")["config"] == families
     (tmp_path / "old.yaml").write_text("budget_pct: 50\neval_every: 10\n")
     with pytest.raises(ValueError, match=r"renamed: budget_pct -> top_pct, eval_every -> eval_steps"):
         BenchConfig.from_file(tmp_path / "old.yaml")
+    (tmp_path / "older.yaml").write_text("steps: 60\nlr_schedule: constant\n")
+    with pytest.raises(ValueError, match=r"renamed: lr_schedule -> lr_scheduler_type, steps -> max_steps"):
+        BenchConfig.from_file(tmp_path / "older.yaml")
+
+
+def test_the_bench_and_run_share_the_names_of_steps_and_schedule():
+    fields = {f.name for f in dataclasses.fields(BenchConfig)}
+    assert {"max_steps", "lr_scheduler_type"} <= fields and not {"steps", "lr_schedule"} & fields
+    train = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert {"max_steps", "lr_scheduler_type"} <= train
+    for path in sorted((REPO / "bench" / "configs").glob("*.yaml")):
+        if path.name in ("families.yaml", "probe_vs_reference.yaml"):  # read by their own scripts
+            continue
+        assert {"steps", "lr_schedule"}.isdisjoint(yaml.safe_load(path.read_text())), path.name
 
 
 @pytest.mark.parametrize(
@@ -265,14 +289,23 @@ def test_older_setting_names_are_mapped_in_results_and_named_in_config_files(tmp
         ({"arms": ["all", "frontier"], "frontier_points": 0}, ValueError, "--frontier-points is 0"),
         ({"top_pct": 0}, ValueError, r"--top-pct must be in \[1, 100\).*got 0"),
         ({"top_pct": 100}, ValueError, r"--top-pct must be in \[1, 100\).*got 100"),
-        ({"steps": 2, "untimed_steps": 2}, ValueError, r"--steps \(2\) must exceed --untimed-steps \(2\)"),
+        ({"max_steps": 2, "untimed_steps": 2}, ValueError, r"--max-steps \(2\) must exceed --untimed-steps \(2\)"),
         ({"untimed_steps": 0}, ValueError, "--untimed-steps must be >= 1, got 0"),
-        ({"steps": "ten"}, TypeError, "--steps must be an integer, got 'ten'"),
+        ({"max_steps": "ten"}, TypeError, "--max-steps must be an integer, got 'ten'"),
         ({"eval_steps": 0}, ValueError, "--eval-steps must be >= 1"),
         ({"quality_cap": 0.5}, ValueError, "--quality-cap must be >= 1"),
         ({"learning_rate": math.nan}, TypeError, "--learning-rate must be a finite number"),
         ({"learning_rate": 0}, ValueError, "--learning-rate must be positive"),
-        ({"lr_schedule": "linear"}, ValueError, "--lr-schedule must be one of constant, cosine, got 'linear'"),
+        (
+            {"lr_scheduler_type": "linear"},
+            ValueError,
+            "--lr-scheduler-type must be one of constant, cosine, got 'linear' .linear reaches 0 at --max-steps",
+        ),
+        (
+            {"lr_scheduler_type": "step"},
+            ValueError,
+            "--lr-scheduler-type must be one of constant, cosine, got 'step'$",
+        ),
         ({"name": "a/b"}, ValueError, "--name must be letters"),
         ({"tiny_hidden": 30}, ValueError, "--tiny-hidden must be a multiple of 4"),
         ({"threads": 0}, ValueError, "--threads must be >= 1"),
@@ -290,7 +323,7 @@ def test_bad_settings_from_the_command_line_or_a_file_exit_with_one_line(tmp_pat
     assert main(["bench", "--arms", "all", "bogus", "--out", str(tmp_path)]) == 2
     assert "--arms: unknown arm(s) ['bogus']" in capsys.readouterr().err
     config = tmp_path / "bad.yaml"
-    config.write_text("steps: 10\nbudget: 50\n")
+    config.write_text("max_steps: 10\nbudget: 50\n")
     assert main(["bench", "--config", str(config), "--out", str(tmp_path)]) == 2
     assert "unknown setting(s) ['budget']" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['budget'\]"):
@@ -301,7 +334,7 @@ def test_bad_settings_from_the_command_line_or_a_file_exit_with_one_line(tmp_pat
 def test_learning_rate_schedules():
     constant = BenchConfig(**{**TINY, "warmup_steps": 2})
     assert [learning_rate_at(i, constant) for i in range(4)] == pytest.approx([0.0015, 0.003, 0.003, 0.003])
-    cosine = BenchConfig(**{**TINY, "lr_schedule": "cosine"})
+    cosine = BenchConfig(**{**TINY, "lr_scheduler_type": "cosine"})
     values = [learning_rate_at(i, cosine) for i in range(STEPS + 5)]
     assert values[0] == pytest.approx(0.003) and values[STEPS] == pytest.approx(0.0003)
     assert values[STEPS:] == pytest.approx([0.0003] * 5)  # held at the floor: equal-time steps still learn
@@ -374,7 +407,7 @@ def test_beyond_section_compares_both_arms_with_score(beyond_run):
 def test_the_command_lists_only_the_files_of_its_own_run(tmp_path, capsys):
     (tmp_path / "train_t_seed1.json").write_text("{}")  # another run whose name starts with this one's
     config = tmp_path / "t.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "steps": 3, "eval_steps": 3, "arms": ["all", "contiguous"]}))
+    config.write_text(yaml.safe_dump({**TINY, "max_steps": 3, "eval_steps": 3, "arms": ["all", "contiguous"]}))
     assert main(["bench", "--config", str(config), "--out", str(tmp_path), "-q"]) == 0
     lines = capsys.readouterr().out.splitlines()
     listed = [line.removeprefix("wrote ") for line in lines if line.startswith("wrote ")]
@@ -401,3 +434,79 @@ def test_the_docs_page_links_the_other_runs_of_the_folder(tiny_run, beyond_run, 
     assert [row[2] for row in rows] == ["ranks", "reprobe"]
     reprobe = _arms(other)["reprobe"]
     assert rows[1][6] == f"{reprobe['beyond']['share_of_clock']:.1%} |" and rows[0][6] == "- |"
+
+
+def test_general_data_none_skips_forgetting_and_says_why_once(tiny_checkpoint, tiny_corpus, tmp_path, capsys):
+    """`--general-data none` as `run` takes it: no general rows, null in the JSON, '-' in the tables; the run is
+    named after the checkpoint folder when --name is not given."""
+    settings = {k: v for k, v in TINY.items() if k != "name"}
+    settings.update(max_steps=3, eval_steps=3, arms=["all", "truncation"], data=str(tiny_corpus / "target.txt"))
+    config = tmp_path / "none.yaml"
+    config.write_text(yaml.safe_dump({**settings, "model": str(tiny_checkpoint) + "/"}))
+    out = tmp_path / "out"
+    assert main(["bench", "--config", str(config), "--general-data", "none", "--out", str(out), "-q"]) == 0
+    name = tiny_checkpoint.name  # e.g. tiny-llama0: the checkpoint folder, not train_smollm2
+    assert f"wrote {out / f'train_{name}.json'}" in capsys.readouterr().out
+    result = load_result(out / f"train_{name}.json")
+    assert result["name"] == name and result["config"]["general_data"] is None
+    assert result["base"]["general_loss"] is None
+    for arm in result["arms"]:
+        for view in arm["views"].values():
+            assert view["general_loss"] is None and view["forgetting"] is None and view["forgetting_vs_all"] is None
+    forgetting = next(t for t in result["targets"] if t["target"].startswith("forgetting"))
+    assert forgetting["met"] is None and forgetting["value"] == "not measured (no general corpus)"
+    text = (out / f"train_{name}.md").read_text()
+    assert text == render_markdown(result)
+    assert text.count("Forgetting is not measured") == 1 and "general corpus for forgetting" not in text
+    assert "| forgetting no worse than all-layer LoRA (equal steps) | not measured (no general corpus) | - |" in text
+    headline = [line for line in text.splitlines() if line.startswith("| truncation |")][0]
+    assert headline.split(" | ")[6] == "-"  # the forgetting column
+    assert "forgetting" not in text.split("## Reading")[1].split("Default strategy")[0].lower()
+    # the API takes None as well as the word
+    assert BenchConfig(**{**TINY, "general_data": None}).general_data is None
+    assert BenchConfig(**{**TINY, "general_data": "None"}).general_data is None
+
+
+def test_the_run_name_comes_from_the_model_when_not_given(tiny_checkpoint):
+    from aletheia_lora.bench import default_name
+
+    assert BenchConfig().name == "smollm2"  # the bundled model: the committed configs' and results' name
+    for alias in ("smollm2-135m", "bundled", "default"):
+        assert BenchConfig(model=alias).name == default_name(alias) == "smollm2"
+    assert BenchConfig(**{k: v for k, v in TINY.items() if k != "name"}).name == "tiny"
+    assert default_name("/data/ckpts/My Model (v2)/") == "My_Model_v2"
+    assert default_name("Qwen/Qwen2.5-0.5B") == "Qwen2.5-0.5B"
+    assert default_name("C:\\models\\llama") == "llama" and default_name("///") == "model"
+    assert BenchConfig(model=str(tiny_checkpoint)).name == tiny_checkpoint.name
+    assert BenchConfig(model=str(tiny_checkpoint), name="mine").name == "mine"  # --name wins
+
+
+def test_plot_titles_name_the_model_not_its_path(tiny_run, monkeypatch, tmp_path):
+    from aletheia_lora.bench import plot_loss_vs_time, plot_speedups, render
+
+    titles = []
+    monkeypatch.setattr(render, "save_figure", lambda fig, path: titles.append(fig.axes[0].get_title()) or path)
+    result = {**tiny_run["result"], "model": {**tiny_run["result"]["model"], "name": "/home/me/ckpts/my-llama/"}}
+    plot_loss_vs_time(result, tmp_path / "a.png")
+    plot_speedups(result, tmp_path / "b.png")
+    assert titles == ["my-llama: held-out loss vs wall-clock", "my-llama: step speedup by arm"]
+    assert render.model_label({"model": {"name": "Qwen/Qwen2.5-0.5B"}}) == "Qwen/Qwen2.5-0.5B"  # a Hub id: whole
+    assert render.model_label({"model": {"name": "./ckpt"}}) == "ckpt"
+    assert render.model_label({"model": {"name": "smollm2-135m"}}) == "smollm2-135m"
+
+
+def test_rendering_leaves_the_matplotlib_backend_and_pyplot_alone(tiny_run, tmp_path):
+    """The bench's plots draw on their own Agg canvas: no backend switch, pyplot never imported."""
+    import subprocess
+    import sys
+
+    (tmp_path / "train_t.json").write_text(json.dumps(tiny_run["result"]))
+    code = (
+        "import sys, matplotlib; matplotlib.use('svg')\n"
+        "from aletheia_lora.bench import render_outputs\n"
+        f"render_outputs({str(tmp_path)!r}, 't')\n"
+        "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["svg", "False"]
+    assert (tmp_path / "train_t_loss_vs_time.png").read_bytes()[:4] == b"\x89PNG"

@@ -19,8 +19,8 @@ order, with the same seed, optimizer and learning-rate schedule, so drift on a s
 The training clock of an arm is the sum of its measured step times (forward, backward, clipping, optimizer step);
 evaluation is not counted. Three views come out of the same runs:
 
-1. equal steps: every arm after ``steps`` steps;
-2. equal time: the arms other than ``all`` keep training while their clock is nearer to ``all``'s ``steps``-step
+1. equal steps: every arm after ``max_steps`` steps;
+2. equal time: the arms other than ``all`` keep training while their clock is nearer to ``all``'s ``max_steps``-step
    time than it would be after one more step, so faster arms take more steps;
 3. time to quality: the clock time at which an arm's held-out loss (evaluated every ``eval_steps`` steps) first
    reaches ``all``'s equal-step loss, interpolated linearly between evaluations; arms that have not reached it
@@ -29,12 +29,15 @@ evaluation is not counted. Three views come out of the same runs:
 The first ``untimed_steps`` steps of an arm pay one-off costs (allocations, optimizer state): they stay out of the
 medians and are charged to the clock at the arm's median step time. The very first step of each arm also measures
 how deep its backward pass went, the activations autograd saved, and the growth of resident memory (the kernel's
-high-water mark on Linux, ``max_memory_allocated`` on CUDA).
+high-water mark on Linux, ``max_memory_allocated`` on CUDA). Forgetting is the general-corpus loss after training
+minus before; with ``general_data=None`` (``--general-data none``) it is not measured (null in the JSON, ``-`` in the
+tables).
 
 Modules, in the order a run goes through them:
 
-* :mod:`~aletheia_lora.bench.config`: :class:`BenchConfig`, the arm names, and the settings' older names
-  (:func:`~aletheia_lora.bench.config.load_result` maps them when it reads a result);
+* :mod:`~aletheia_lora.bench.config`: :class:`BenchConfig` (a setting shared with ``aletheia-lora run`` carries
+  its name: ``max_steps``, ``lr_scheduler_type``, ...), the arm names, the run name derived from the model, and the
+  settings' older names (:func:`~aletheia_lora.bench.config.load_result` maps them when it reads a result);
 * :mod:`~aletheia_lora.bench.workload`: the base model, the rows and the batches, and each arm's LoRA copy;
 * :mod:`~aletheia_lora.bench.measure`: memory, saved activations, backward depth, step times, other processes'
   load, machine and versions (also used by ``bench/families.py`` and ``bench/probe_vs_reference.py``);
@@ -48,10 +51,13 @@ from aletheia_lora.bench.config import (
     ARM_KINDS,
     BASELINE,
     BEYOND_ARMS,
+    RENAMED_FOR_RUN,
+    RENAMED_GENERATIONS,
     RENAMED_SETTINGS,
     STRATEGY_ARMS,
     TARGET_ARM,
     BenchConfig,
+    default_name,
     load_result,
 )
 from aletheia_lora.bench.render import (
@@ -68,11 +74,14 @@ __all__ = [
     "ARM_KINDS",
     "BASELINE",
     "BEYOND_ARMS",
+    "RENAMED_FOR_RUN",
+    "RENAMED_GENERATIONS",
     "RENAMED_SETTINGS",
     "STRATEGY_ARMS",
     "TARGET_ARM",
     "BenchConfig",
     "assess_targets",
+    "default_name",
     "headline_table",
     "learning_rate_at",
     "load_result",

@@ -31,7 +31,7 @@ def compare_arms(result: dict) -> None:
     """Add the ratios against the all-layer arm: speedups, relative losses, time to quality."""
     arms = {a["name"]: a for a in result["arms"]}
     base = arms[BASELINE]
-    untimed, steps = result["config"]["untimed_steps"], result["config"]["steps"]
+    untimed, steps = result["config"]["untimed_steps"], result["config"]["max_steps"]
     goal, cap_seconds = result["quality"]["target_loss"], result["quality"]["cap_seconds"]
     base_times = base["step_seconds"][untimed:steps]
     base_forgetting = base["views"]["equal_steps"]["forgetting"]
@@ -58,7 +58,8 @@ def compare_arms(result: dict) -> None:
 
 
 def assess_targets(result: dict) -> list[dict]:
-    """The project's targets for the truncation-aware arm, each with its value and whether it was met."""
+    """The project's targets for the truncation-aware arm, each with its value and whether it was met (None: not
+    measured, e.g. forgetting without a general corpus)."""
     arms = {a["name"]: a for a in result["arms"]}
     arm = arms.get(TARGET_ARM)
     if arm is None:
@@ -67,6 +68,10 @@ def assess_targets(result: dict) -> list[dict]:
     steps, time_view = arm["views"]["equal_steps"], arm["views"]["equal_time"]
     ttq = arm["time_to_quality"]["ratio_to_all"]
     forgetting, base_forgetting = steps["forgetting"], base["views"]["equal_steps"]["forgetting"]
+    if forgetting is None or base_forgetting is None:  # --general-data none: not measured, neither met nor missed
+        forgetting_target = ("not measured (no general corpus)", None)
+    else:
+        forgetting_target = (f"{forgetting:+.4f} vs {base_forgetting:+.4f} nats", forgetting <= base_forgetting)
     targets = [
         ("step time >= 1.30x faster than all-layer LoRA", f"{arm['measured_speedup']:.2f}x",
          arm["measured_speedup"] >= 1.30),
@@ -75,12 +80,11 @@ def assess_targets(result: dict) -> list[dict]:
         ("target eval loss within 2% of all-layer LoRA (equal steps)",
          f"{steps['target_loss']:.4f} vs {base['views']['equal_steps']['target_loss']:.4f} "
          f"({steps['target_vs_all'] - 1:+.2%})", steps["target_vs_all"] <= 1.02),
-        ("forgetting no worse than all-layer LoRA (equal steps)",
-         f"{forgetting:+.4f} vs {base_forgetting:+.4f} nats", forgetting <= base_forgetting),
+        ("forgetting no worse than all-layer LoRA (equal steps)", *forgetting_target),
         ("reaches all-layer LoRA's loss in <= 0.8x its time",
          "not reached" if ttq is None else f"{ttq:.2f}x", ttq is not None and ttq <= 0.8),
         ("equal-time target loss no worse than all-layer LoRA",
          f"{time_view['target_loss']:.4f} vs {base['views']['equal_time']['target_loss']:.4f}",
          time_view["target_loss"] <= base["views"]["equal_time"]["target_loss"]),
     ]  # fmt: skip
-    return [{"target": t, "arm": TARGET_ARM, "value": v, "met": bool(m)} for t, v, m in targets]
+    return [{"target": t, "arm": TARGET_ARM, "value": v, "met": None if m is None else bool(m)} for t, v, m in targets]

@@ -2,8 +2,9 @@
 
 A setting that means what a stage config's setting means (the model, the data, LoRA, the selection, training)
 carries that setting's name and help text, taken from the stage dataclass's field metadata by
-:func:`stage_field`, so one flag means one thing in every subcommand. Its default is the stage's unless the
-benchmark needs another (``r``, ``lora_alpha``, ``max_train_chars``, ``max_eval_chars``, ``reprobe_every``);
+:func:`stage_field`, so one flag means one thing in every subcommand (``max_steps`` and ``lr_scheduler_type`` as
+in ``aletheia-lora run``). Its default is the stage's unless the benchmark needs another (``dtype``, ``max_steps``,
+``lr_scheduler_type``, ``r``, ``lora_alpha``, ``max_train_chars``, ``max_eval_chars``, ``reprobe_every``);
 ``bench/configs/*.yaml`` state every such value. The other settings are the benchmark's own.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 
 from aletheia_lora.config import LoraSettings
 from aletheia_lora.data import DataConfig
-from aletheia_lora.models import ModelConfig
+from aletheia_lora.models import BUNDLED_ALIASES, ModelConfig
 from aletheia_lora.probe import ProbeConfig
 from aletheia_lora.select import SelectConfig
 from aletheia_lora.train import TrainConfig
@@ -34,22 +35,36 @@ STRATEGY_ARMS = ("score", "truncation", "contiguous")
 # The arm the targets are assessed on: the library's truncation-aware rule.
 TARGET_ARM = "truncation"
 TINY_MODEL = "tiny"
+# The run name of the bundled model, which the committed configs and results (train_smollm2.*) carry.
+BUNDLED_NAME = "smollm2"
 SCHEDULES = ("constant", "cosine")
-# A cosine schedule decays to this share of the peak at `steps` and stays there, so equal-time steps still learn.
+# A cosine schedule decays to this share of the peak at `max_steps` and stays there, so equal-time steps still learn.
 COSINE_FLOOR = 0.1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+# --general-data values that mean "no general corpus" (as DataConfig reads them)
+_NO_GENERAL = ("", "none", "off")
 
-# The one place that knows the settings' older names. Results written before they were renamed (so that a name
-# means the same in the benchmark as in the stage configs) record the old names in their "config";
-# load_result() maps them, so the committed results render as before. Config files must use today's names.
+# The one place that knows the settings' older names. Results written before a rename (so that a name means the
+# same in the benchmark as in the stage configs) record the old names in their "config"; load_result() maps them,
+# generation by generation, so the committed results render as before. Config files must use today's names.
+# The first renames; bench/families.py refuses these in its own config too (which keeps `steps`, its timed steps).
 RENAMED_SETTINGS = {
     "warmup_steps": "untimed_steps",  # steps left out of the timings; `warmup_steps` is the learning-rate warm-up
     "lr_warmup_steps": "warmup_steps",  # TrainConfig's name
     "budget_pct": "top_pct",  # SelectConfig's name
     "eval_every": "eval_steps",  # TrainConfig's name
 }
-# A settings mapping that holds this key already uses today's names (every result written since does).
-_CURRENT_NAMES_MARK = "untimed_steps"
+# Then `run`'s names for the steps and the schedule.
+RENAMED_FOR_RUN = {
+    "steps": "max_steps",  # TrainConfig's name (`run --max-steps`)
+    "lr_schedule": "lr_scheduler_type",  # TrainConfig's name (`run --lr-scheduler-type`)
+}
+# Each generation: (a key every result written after it holds, {old name: new name}), oldest first.
+RENAMED_GENERATIONS: tuple[tuple[str, dict[str, str]], ...] = (
+    ("untimed_steps", RENAMED_SETTINGS),
+    ("max_steps", RENAMED_FOR_RUN),
+)
 
 
 def _flag(name: str) -> str:
@@ -75,13 +90,38 @@ def stage_field(stage: type, name: str, *, default: Any = MISSING, note: str = "
     return field(default=source.default if default is MISSING else default, metadata=metadata)
 
 
+def default_name(model: str) -> str:
+    """The run name a benchmark of ``model`` gets when none is given: ``smollm2`` for the bundled model (the
+    committed results' name), ``tiny`` for the random model, else the checkpoint folder's or Hub id's last part,
+    with every run of other characters than letters, digits, ``_``, ``-``, ``.`` made one ``_``."""
+    text = str(model).strip()
+    if text.lower() in BUNDLED_ALIASES:
+        return BUNDLED_NAME
+    if text == TINY_MODEL:
+        return TINY_MODEL
+    last = text.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    name = _UNSAFE.sub("_", last).strip("_.-")
+    return name or "model"
+
+
 @dataclass
 class BenchConfig:
     """Settings of one benchmark run. The defaults are the SmolLM2 experiment (``bench/configs/smollm2.yaml``)."""
 
-    name: str = field(default="smollm2", metadata={"help": "Name of the run: results go to train_NAME.* in --out."})
+    name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Name of the run: results go to train_NAME.* in --out. Default: from --model (smollm2 for the "
+            "bundled model, else the checkpoint folder's name)."
+        },
+    )
     model: str = stage_field(ModelConfig, "model", note="Or 'tiny': a random Llama on counting sequences.")
-    dtype: str = stage_field(ModelConfig, "dtype")
+    dtype: str = stage_field(
+        ModelConfig,
+        "dtype",
+        default="float32",
+        note="Here float32 by default, the precision of the committed figures (every arm uses the same).",
+    )
     device: str | None = stage_field(ModelConfig, "device")
     threads: int | None = field(
         default=1, metadata={"help": "CPU threads of torch ('none': torch's own; 1 suits a shared machine)."}
@@ -90,7 +130,9 @@ class BenchConfig:
     tiny_hidden: int = field(default=64, metadata={"help": "Hidden size of the 'tiny' model (a multiple of 4)."})
     tiny_vocab: int = field(default=128, metadata={"help": "Vocabulary of the 'tiny' model."})
     data: str = stage_field(DataConfig, "data")
-    general_data: str = stage_field(DataConfig, "general_data", note="Required here: forgetting is measured on it.")
+    general_data: str | None = stage_field(
+        DataConfig, "general_data", note="With 'none' forgetting is not measured (its columns show '-')."
+    )
     max_length: int = stage_field(DataConfig, "max_length")
     max_train_chars: int | None = stage_field(DataConfig, "max_train_chars", default=400_000)
     max_eval_chars: int | None = stage_field(DataConfig, "max_eval_chars", default=100_000)
@@ -99,7 +141,13 @@ class BenchConfig:
     )
     general_blocks: int = field(default=32, metadata={"help": "General-corpus blocks evaluated for forgetting."})
     batch_size: int = stage_field(TrainConfig, "batch_size")
-    steps: int = field(default=60, metadata={"help": "Steps of every arm in the equal-step view."})
+    max_steps: int = stage_field(
+        TrainConfig,
+        "max_steps",
+        default=60,
+        note="Here every arm's steps in the equal-step view; faster arms train on past it for equal time and "
+        "time to quality.",
+    )
     untimed_steps: int = field(
         default=2,
         metadata={
@@ -107,9 +155,12 @@ class BenchConfig:
         },
     )
     learning_rate: float = stage_field(TrainConfig, "learning_rate")
-    lr_schedule: str = field(
+    lr_scheduler_type: str = stage_field(
+        TrainConfig,
+        "lr_scheduler_type",
         default="constant",
-        metadata={"help": "constant, or cosine (to 10% of the peak at --steps, then held: equal-time steps learn)."},
+        note="Here constant or cosine; cosine decays to 10% of the peak at --max-steps and holds there, so the "
+        "steps beyond it (equal time, time to quality) still learn.",
     )
     warmup_steps: int = stage_field(TrainConfig, "warmup_steps")
     weight_decay: float = stage_field(TrainConfig, "weight_decay")
@@ -153,7 +204,7 @@ class BenchConfig:
             "eval_blocks",
             "general_blocks",
             "batch_size",
-            "steps",
+            "max_steps",
             "untimed_steps",
             "r",
             "eval_steps",
@@ -180,13 +231,24 @@ class BenchConfig:
                     raise ValueError(f"{flag} must be >= 0, got {value!r}")
             elif f.type == "bool" and not isinstance(value, bool):
                 raise TypeError(f"{flag} must be true or false, got {value!r}")
-        for name in ("name", "model", "data", "general_data", "dtype", "lr_schedule"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name).strip():
-                raise ValueError(f"{_flag(name)} must be a non-empty string, got {getattr(self, name)!r}")
+        if isinstance(self.general_data, str) and self.general_data.strip().lower() in _NO_GENERAL:
+            self.general_data = None  # as `run` reads it: no general corpus, forgetting not measured
+        for name in ("model", "data", "dtype", "lr_scheduler_type", "name", "general_data"):
+            value = getattr(self, name)
+            if value is None and name in ("name", "general_data"):
+                continue
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{_flag(name)} must be a non-empty string, got {value!r}")
+        if self.name is None:
+            self.name = default_name(self.model)
         if not _NAME.match(self.name):
             raise ValueError(f"--name must be letters, digits, '_', '-' or '.', got {self.name!r}")
-        if self.lr_schedule not in SCHEDULES:
-            raise ValueError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.lr_scheduler_type not in SCHEDULES:
+            why = " (linear reaches 0 at --max-steps: the steps beyond it would not learn)"
+            raise ValueError(
+                f"--lr-scheduler-type must be one of {', '.join(SCHEDULES)}, got {self.lr_scheduler_type!r}"
+                + (why if self.lr_scheduler_type == "linear" else "")
+            )
         if self.learning_rate == 0:
             raise ValueError("--learning-rate must be positive, got 0")
         if self.lora_alpha == 0:
@@ -197,9 +259,10 @@ class BenchConfig:
             raise ValueError(
                 f"--quality-cap must be >= 1 (a multiple of all-layer LoRA's time), got {self.quality_cap!r}"
             )
-        if self.steps <= self.untimed_steps:
+        if self.max_steps <= self.untimed_steps:
             raise ValueError(
-                f"--steps ({self.steps}) must exceed --untimed-steps ({self.untimed_steps}): no step would be timed"
+                f"--max-steps ({self.max_steps}) must exceed --untimed-steps ({self.untimed_steps}): no step would "
+                "be timed"
             )
         if self.tiny_hidden % 4:
             raise ValueError(f"--tiny-hidden must be a multiple of 4 (the tiny model's heads), got {self.tiny_hidden}")
@@ -252,21 +315,33 @@ def read_settings(path: str | os.PathLike) -> dict:
 
 def renamed_hint(names: Sequence[str]) -> str:
     """``" (renamed: old -> new, ...)"`` for the older setting names among ``names``; ``""`` when none is."""
-    old = [n for n in names if n in RENAMED_SETTINGS]
+    renamed = {old: new for _, renames in RENAMED_GENERATIONS for old, new in renames.items()}
+    old = [n for n in names if n in renamed]
     if not old:
         return ""
-    return " (renamed: " + ", ".join(f"{n} -> {RENAMED_SETTINGS[n]}" for n in old) + ")"
+    return " (renamed: " + ", ".join(f"{n} -> {renamed[n]}" for n in old) + ")"
 
 
-def current_settings(config: Mapping[str, Any]) -> dict:
-    """A result's recorded settings under today's names, in their order (see :data:`RENAMED_SETTINGS`)."""
-    if _CURRENT_NAMES_MARK in config:
-        return dict(config)
-    return {RENAMED_SETTINGS.get(key, key): value for key, value in config.items()}
+def current_settings(
+    config: Mapping[str, Any], generations: Sequence[tuple[str, Mapping[str, str]]] = RENAMED_GENERATIONS
+) -> dict:
+    """A result's recorded settings under today's names, in their order (see :data:`RENAMED_GENERATIONS`).
+
+    Each generation of renames applies to a result written before it (one without the generation's mark), in
+    order: an old name may be a newer setting's name (``warmup_steps`` meant the untimed steps at first).
+    """
+    settings = dict(config)
+    for mark, renames in generations:
+        if mark not in settings:
+            settings = {renames.get(key, key): value for key, value in settings.items()}
+    return settings
 
 
 def load_result(path: str | os.PathLike) -> dict:
     """A benchmark result JSON, its ``config`` under today's setting names.
+
+    A training benchmark's result (it has ``arms``) gets every generation of :data:`RENAMED_GENERATIONS`; another
+    benchmark's (``bench/families.py``'s, whose config keeps ``steps`` for its timed steps) the first only.
 
     Raises:
         ValueError: when the file is not valid JSON.
@@ -276,5 +351,6 @@ def load_result(path: str | os.PathLike) -> dict:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{str(path)!r} is not valid JSON: {exc}") from None
     if isinstance(result, dict) and isinstance(result.get("config"), Mapping):
-        result["config"] = current_settings(result["config"])
+        generations = RENAMED_GENERATIONS if "arms" in result else RENAMED_GENERATIONS[:1]
+        result["config"] = current_settings(result["config"], generations)
     return result

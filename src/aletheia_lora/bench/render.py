@@ -2,7 +2,10 @@
 
 Every function here reads the result dict (its ``config`` under today's setting names: :func:`render_outputs`
 loads the JSON through :func:`~aletheia_lora.bench.config.load_result`), never a live run, so
-``aletheia-lora bench --render-only`` re-renders the committed results.
+``aletheia-lora bench --render-only`` re-renders the committed results. A result without a general corpus
+(``--general-data none``: its general losses and forgetting are null) shows ``-`` for forgetting and says why once,
+in its header. The plots are drawn outside pyplot (:func:`~aletheia_lora.plots.new_figure`): the caller's
+matplotlib backend is left alone.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 
 from aletheia_lora.bench.config import BASELINE, BEYOND_ARMS, STRATEGY_ARMS, TARGET_ARM, TINY_MODEL, load_result
 from aletheia_lora.files import write_text
-from aletheia_lora.plots import plot_reprobe_history, pyplot, save_figure
+from aletheia_lora.plots import new_figure, plot_reprobe_history, save_figure
 
 
 def layer_runs(layers: Sequence[int]) -> list[list[int]]:
@@ -146,9 +149,13 @@ def _reading(result: dict) -> list[str]:
             f"- `{arm['name']}` (lowest block {arm['lowest_layer']}): steps {arm['measured_speedup']:.2f}x faster "
             f"(predicted {arm['predicted_speedup']:.2f}x); at equal steps its loss is "
             f"{steps['target_vs_all'] - 1:+.2%} vs all-layer LoRA, at equal time "
-            f"{equal_time['target_vs_all'] - 1:+.2%} ({equal_time['steps']} steps); "
-            f"forgetting {_num(steps['forgetting'], '+.4f')} nats "
-            f"(all-layer {base['views']['equal_steps']['forgetting']:+.4f})."
+            f"{equal_time['target_vs_all'] - 1:+.2%} ({equal_time['steps']} steps)"
+            + (
+                f"; forgetting {_num(steps['forgetting'], '+.4f')} nats "
+                f"(all-layer {base['views']['equal_steps']['forgetting']:+.4f})."
+                if _measures_forgetting(result)
+                else "."  # the header says once why forgetting is not measured
+            )
         )
     lines.extend(_recommendation(result))
     during = result["load_average"]["during"]
@@ -163,16 +170,32 @@ def _reading(result: dict) -> list[str]:
     return lines
 
 
+def _measures_forgetting(result: dict) -> bool:
+    return result["base"].get("general_loss") is not None
+
+
 def _data_text(result: dict) -> str:
     cfg = result["config"]
+    forgetting = _measures_forgetting(result)
     if cfg["model"] == TINY_MODEL:
         return (
-            f"Training rows count up by 1 from random starts; held-out target: {cfg['eval_blocks']} more such rows; "
-            f"general rows for forgetting count up by 2 ({cfg['general_blocks']} rows)."
+            f"Training rows count up by 1 from random starts; held-out target: {cfg['eval_blocks']} more such rows"
+            + (f"; general rows for forgetting count up by 2 ({cfg['general_blocks']} rows)." if forgetting else ".")
         )
+    return f"Held-out target: {cfg['data']} eval split ({cfg['eval_blocks']} blocks spread over it)" + (
+        f"; general corpus for forgetting: {cfg['general_data']} ({cfg['general_blocks']} blocks)."
+        if forgetting
+        else "."
+    )
+
+
+def _base_text(result: dict) -> str:
+    base = result["base"]
+    if _measures_forgetting(result):
+        return f"Base model: target loss {base['target_loss']:.4f}, general loss {base['general_loss']:.4f}."
     return (
-        f"Held-out target: {cfg['data']} eval split ({cfg['eval_blocks']} blocks spread over it); general corpus "
-        f"for forgetting: {cfg['general_data']} ({cfg['general_blocks']} blocks)."
+        f"Base model: target loss {base['target_loss']:.4f}. Forgetting is not measured: no general corpus "
+        "(`--general-data none`), so its columns show -."
     )
 
 
@@ -201,16 +224,15 @@ def _header(result: dict, h: str) -> list[str]:
     truncation = {a["name"]: a for a in result["arms"]}.get(TARGET_ARM)
     probe = f"- Probe: {result['probe']['seconds']:.1f} s"
     if truncation:
-        probe += f", {truncation['probe_share']:.1%} of probe + the truncation arm's {cfg['steps']}-step training"
+        probe += f", {truncation['probe_share']:.1%} of probe + the truncation arm's {cfg['max_steps']}-step training"
     return [
         f"{h} Training benchmark `{result['name']}`: LoRA on all layers vs layer selections",
         "",
         f"{model['name']} ({model['type']}, {model['num_layers']} layers); LoRA r={cfg['r']} "
         f"alpha={cfg['lora_alpha']:g} on every attention and MLP projection of the adapted blocks; selective arms "
         f"adapt {cfg['top_pct']:g}% of the blocks. Batch {cfg['batch_size']} x {cfg['max_length']} tokens, AdamW "
-        f"lr {cfg['learning_rate']:g} ({cfg['lr_schedule']}), seed {cfg['seed']}; arms trained round-robin on the "
-        f"same batches. {_data_text(result)} Base model: target loss {result['base']['target_loss']:.4f}, general "
-        f"loss {result['base']['general_loss']:.4f}.",
+        f"lr {cfg['learning_rate']:g} ({cfg['lr_scheduler_type']}), seed {cfg['seed']}; arms trained round-robin "
+        f"on the same batches. {_data_text(result)} {_base_text(result)}",
         "",
         f"- Command: `{result['command']}` ({result['created']}, {result['wall_seconds'] / 60:.1f} min"
         + (f", {result['cpu_seconds'] / 60:.1f} min of CPU)" if "cpu_seconds" in result else ")"),
@@ -229,7 +251,7 @@ def _equal_steps(result: dict, h: str) -> list[str]:
     cfg, n = result["config"], result["model"]["num_layers"]
     rss = result["arms"][0]["memory"]["kind"] == "rss"
     lines = [
-        f"{h}# Equal steps ({cfg['steps']} steps each)",
+        f"{h}# Equal steps ({cfg['max_steps']} steps each)",
         "",
         f"Speedup: all-layer median step time / the arm's (first {cfg['untimed_steps']} steps left out); paired: "
         f"median of the per-round ratios. Memory: growth of {'resident' if rss else 'allocated'} memory while "
@@ -256,7 +278,7 @@ def _equal_steps(result: dict, h: str) -> list[str]:
 def _equal_time(result: dict, h: str) -> list[str]:
     lines = [
         f"{h}# Equal time ({result['equal_time_seconds']:.1f} s of training each: all-layer LoRA's "
-        f"{result['config']['steps']} steps)",
+        f"{result['config']['max_steps']} steps)",
         "",
         "| arm | steps | train s | target loss | vs all | forgetting | vs all-layer forgetting |",
         "|---|---|---|---|---|---|---|",
@@ -275,7 +297,7 @@ def _equal_time(result: dict, h: str) -> list[str]:
 def _time_to_quality(result: dict, h: str) -> list[str]:
     quality, cfg = result["quality"], result["config"]
     lines = [
-        f"{h}# Time to quality (all-layer LoRA's {cfg['steps']}-step loss {quality['target_loss']:.4f}; held-out "
+        f"{h}# Time to quality (all-layer LoRA's {cfg['max_steps']}-step loss {quality['target_loss']:.4f}; held-out "
         f"loss every {cfg['eval_steps']} steps, interpolated; cap {quality['cap']:g}x = "
         f"{quality['cap_seconds']:.1f} s)",
         "",
@@ -363,15 +385,28 @@ def render_markdown(result: dict, *, level: int = 1) -> str:
         out += [""] + _beyond(result, h)
     if result["targets"]:
         out += ["", f"{h}# Targets (arm `{TARGET_ARM}`)", "", "| target | value | met |", "|---|---|---|"]
-        out += [f"| {t['target']} | {t['value']} | {'met' if t['met'] else 'MISSED'} |" for t in result["targets"]]
+        verdict = {True: "met", False: "MISSED", None: "-"}
+        out += [f"| {t['target']} | {t['value']} | {verdict[t['met']]} |" for t in result["targets"]]
     out += ["", f"{h}# Reading", "", *_reading(result), ""]
     return "\n".join(out)
 
 
+def model_label(result: dict) -> str:
+    """The model's name for a plot title: its alias or Hub id as given, a checkpoint folder by its name only."""
+    name = str(result["model"]["name"])
+    if "/" not in name and "\\" not in name:
+        return name
+    parts = name.replace("\\", "/").rstrip("/").split("/")
+    # a Hub id (org/name) stays whole; a filesystem path (absolute, ./, ~, or deeper) is cut to its last folder
+    if len(parts) == 2 and parts[0] not in ("", ".", "..", "~"):
+        return name
+    return parts[-1] or name
+
+
 def plot_loss_vs_time(result: dict, path: str | os.PathLike) -> Path:
     """Held-out target loss against training seconds, one line per arm."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig = new_figure((7.5, 4.5))
+    ax = fig.subplots()
     for arm in result["arms"]:
         xs = [p["seconds"] for p in arm["curve"]]
         ys = [p["loss"] for p in arm["curve"]]
@@ -381,35 +416,29 @@ def plot_loss_vs_time(result: dict, path: str | os.PathLike) -> Path:
     ax.axvline(result["equal_time_seconds"], color="gray", linestyle=":", linewidth=0.8)
     ax.set_xlabel("training seconds (evaluation not counted)")
     ax.set_ylabel("held-out target loss (nats/token)")
-    ax.set_title(f"{result['model']['name']}: held-out loss vs wall-clock")
+    ax.set_title(f"{model_label(result)}: held-out loss vs wall-clock")
     curves = [p["loss"] for a in result["arms"] for p in a["curve"][1:]]
     if curves:  # the base model's loss would squash the curves
         low, high = min(curves), max(curves)
         ax.set_ylim(low - 0.05 * (high - low or 1), high + 0.1 * (high - low or 1))
     ax.legend(fontsize=8)
-    try:
-        return save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
 
 
 def plot_speedups(result: dict, path: str | os.PathLike) -> Path:
     """Predicted and measured step speedup of every arm against all-layer LoRA."""
-    plt = pyplot()
     arms = result["arms"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(arms) + 2), 3.8))
+    fig = new_figure((max(6.0, 0.9 * len(arms) + 2), 3.8))
+    ax = fig.subplots()
     x = np.arange(len(arms))
     ax.bar(x - 0.2, [a["predicted_speedup"] for a in arms], 0.4, label="predicted (FLOP cost model)")
     ax.bar(x + 0.2, [a["measured_speedup"] for a in arms], 0.4, label="measured (median step time)")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(x, [f"{a['name']}\n(from {a['lowest_layer']})" for a in arms], fontsize=8)
     ax.set_ylabel("speedup vs all layers")
-    ax.set_title(f"{result['model']['name']}: step speedup by arm")
+    ax.set_title(f"{model_label(result)}: step speedup by arm")
     ax.legend(fontsize=8)
-    try:
-        return save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
 
 
 def _other_runs(others: Sequence[dict], results_link: str) -> list[str]:
@@ -516,7 +545,7 @@ def render_outputs(out_dir: str | os.PathLike, name: str, *, docs: str | os.Path
     ]
     for arm in result["arms"]:
         if arm["kind"] == "reprobe":
-            title = f"{result['model']['name']}: blocks trained by arm reprobe, every {arm['beyond']['every']} steps"
+            title = f"{model_label(result)}: blocks trained by arm reprobe, every {arm['beyond']['every']} steps"
             path = out / f"train_{name}_reprobe.png"
             history = arm["beyond"]["history"]
             num_layers, steps = result["model"]["num_layers"], len(arm["step_seconds"])

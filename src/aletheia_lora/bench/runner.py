@@ -45,9 +45,9 @@ def learning_rate_at(step: int, config: BenchConfig) -> float:
     """Learning rate of the step with 0-based index ``step``: linear warm-up, then constant or cosine."""
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
-    if config.lr_schedule == "constant":
+    if config.lr_scheduler_type == "constant":
         return config.learning_rate
-    span = max(1, config.steps - config.warmup_steps)
+    span = max(1, config.max_steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     return config.learning_rate * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -108,7 +108,7 @@ class Runner:
         config: BenchConfig,
         batches: Batches,
         target_rows: list,
-        general_rows: list,
+        general_rows: list | None,
         pad: int,
         device: torch.device,
         stack: DecoderStack,
@@ -121,7 +121,10 @@ class Runner:
         self.load: list[float] = []
         self.bar = tqdm(desc="bench", unit="step", disable=not config.progress)
 
-    def loss(self, model: nn.Module, rows: list) -> float:
+    def loss(self, model: nn.Module, rows: list | None) -> float | None:
+        """Mean loss of ``model`` on ``rows``; None without rows (no general corpus: forgetting not measured)."""
+        if rows is None:
+            return None
         return evaluate_loss(model, rows, batch_size=self.config.eval_batch_size, pad_token_id=self.pad)["loss"]
 
     def add_arm(self, base: nn.Module, name: str, kind: str, layers: list[int], scores=None) -> Arm:
@@ -263,7 +266,7 @@ def _train_views(runner: Runner, base_target: float) -> tuple[float, float, floa
     """Train the arms through the three views; return all-layer LoRA's time, its loss and the time cap."""
     config = runner.config
     baseline = next(arm for arm in runner.arms if arm.kind == BASELINE)
-    untimed, steps = config.untimed_steps, config.steps
+    untimed, steps = config.untimed_steps, config.max_steps
 
     # 1. equal steps
     logger.info("training %d arms round-robin for %d steps each", len(runner.arms), steps)
@@ -427,11 +430,11 @@ def summarize_arm(
     cost: CostModel,
     probe_seconds: float,
     base_target: float,
-    base_general: float,
+    base_general: float | None,
 ) -> dict:
     """An arm's record in the result: its blocks, step times, memory, views and held-out curve."""
     untimed = config.untimed_steps
-    median = statistics.median(arm.times[untimed : config.steps])
+    median = statistics.median(arm.times[untimed : config.max_steps])
     summary = summarize_selection(scores, arm.layers, cost=cost)
     curve = [{"step": 0, "seconds": 0.0, "loss": base_target, "phase": "base"}] + [
         {**e, "seconds": arm.clock_at(e["step"], untimed)} for e in arm.evals
@@ -441,7 +444,9 @@ def summarize_arm(
         views[name] = {
             **view,
             "seconds": arm.clock_at(view["steps"], untimed),
-            "forgetting": None if view["general_loss"] is None else view["general_loss"] - base_general,
+            "forgetting": None
+            if view["general_loss"] is None or base_general is None
+            else view["general_loss"] - base_general,
         }
     if views.get("equal_time", {}).get("interpolated"):
         views["equal_time"]["seconds"] = None

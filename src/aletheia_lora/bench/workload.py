@@ -42,8 +42,11 @@ def _spread(rows, n: int) -> list:
     return [rows[int(i)] for i in np.linspace(0, len(rows) - 1, n).round().astype(int)]
 
 
-def load_workload(config: BenchConfig, device: torch.device) -> tuple[nn.Module, list, list, list, int]:
-    """The base model and the train, held-out target and general rows, plus the padding id."""
+def load_workload(config: BenchConfig, device: torch.device) -> tuple[nn.Module, list, list, list | None, int]:
+    """The base model and the train, held-out target and general rows, plus the padding id.
+
+    The general rows are None with ``general_data`` None (``--general-data none``): forgetting is not measured.
+    """
     if config.model == TINY_MODEL:
         model = tiny_llama(
             seed=config.seed,
@@ -55,10 +58,12 @@ def load_workload(config: BenchConfig, device: torch.device) -> tuple[nn.Module,
             num_key_value_heads=2,
             tie_word_embeddings=True,
         ).to(device)
-        n_train = config.batch_size * config.steps * 2
+        n_train = config.batch_size * config.max_steps * 2
         train = _counting_rows(n_train, config.max_length, config.tiny_vocab, 1, config.seed)
         target = _counting_rows(config.eval_blocks, config.max_length, config.tiny_vocab, 1, config.seed + 1)
-        general = _counting_rows(config.general_blocks, config.max_length, config.tiny_vocab, 2, config.seed + 2)
+        general = None
+        if config.general_data is not None:
+            general = _counting_rows(config.general_blocks, config.max_length, config.tiny_vocab, 2, config.seed + 2)
         return model, train, target, general, 0
     model, tokenizer = ModelConfig(model=config.model, dtype=config.dtype, device=str(device)).load()
     data = DataConfig(
@@ -70,16 +75,15 @@ def load_workload(config: BenchConfig, device: torch.device) -> tuple[nn.Module,
         split_seed=config.seed,
     )
     train, evaluation, general = build_datasets(data, tokenizer)
-    if general is None:
-        raise ValueError(f"--general-data {config.general_data!r}: forgetting needs a general corpus")
     for label, rows, wanted in (("eval", evaluation, config.eval_blocks), ("general", general, config.general_blocks)):
-        if len(rows) < wanted:
+        if rows is not None and len(rows) < wanted:
             logger.warning(
                 "the %s data holds %d blocks, fewer than the %d asked for: using those", label, len(rows), wanted
             )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = [train[i] for i in range(len(train))]
-    return model, rows, _spread(evaluation, config.eval_blocks), _spread(general, config.general_blocks), pad
+    general_rows = None if general is None else _spread(general, config.general_blocks)
+    return model, rows, _spread(evaluation, config.eval_blocks), general_rows, pad
 
 
 class Batches:
