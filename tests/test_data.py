@@ -278,6 +278,49 @@ def test_tokenized_pairs_collate_with_prompt_masked(tiny_tokenizer):
         assert (batch["labels"][j, n:] == IGNORE_INDEX).all()
 
 
+def test_pad_collate_agrees_with_transformers_seq2seq_collator_where_both_apply(tiny_tokenizer):
+    from transformers import DataCollatorForSeq2Seq
+
+    out = tokenize_records(Dataset.from_list(PAIRS), tiny_tokenizer, prompt_field="prompt", response_field="response")
+    tiny_tokenizer.pad_token = tiny_tokenizer.eos_token
+    theirs = DataCollatorForSeq2Seq(tiny_tokenizer, label_pad_token_id=IGNORE_INDEX)(list(out))
+    ours = pad_collate(list(out), pad_token_id=tiny_tokenizer.pad_token_id)
+    assert {k: v.tolist() for k, v in theirs.items()} == {k: v.tolist() for k, v in ours.items()}
+
+
+def test_pad_collate_is_kept_for_what_the_seq2seq_collator_gets_wrong_here(tiny_tokenizer):
+    """Why ``pad_collate`` and not ``DataCollatorForSeq2Seq``: the probe collates users' rows with only a pad id
+    (a tokenizer may have no pad token), rows may come without labels, a row's own padding must leave the loss,
+    and a row of text must be called text."""
+    from transformers import DataCollatorForSeq2Seq
+
+    theirs = DataCollatorForSeq2Seq(tiny_tokenizer, label_pad_token_id=IGNORE_INDEX)
+    rows = [{"input_ids": [5, 6, 7]}, {"input_ids": [8]}]
+    with pytest.raises(ValueError, match="the tokenizer does not have a padding token"):
+        theirs(rows)
+    assert pad_collate(rows, pad_token_id=0)["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    tiny_tokenizer.pad_token = tiny_tokenizer.eos_token
+    # no labels: theirs gives none (no loss to train on), ours predicts every real token
+    assert theirs([dict(r) for r in rows])["labels"] is None
+    assert pad_collate(rows)["labels"].tolist() == [[5, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    # a row padded already: theirs trains on its padding, ours masks it
+    padded = [{"input_ids": [5, 6, 0], "attention_mask": [1, 1, 0], "labels": [5, 6, 0]}]
+    assert theirs([dict(r) for r in padded])["labels"].tolist() == [[5, 6, 0]]
+    assert pad_collate(padded)["labels"].tolist() == [[5, 6, IGNORE_INDEX]]
+    with pytest.raises(TypeError, match="dataset row 0: 'input_ids' must be a list of integers, got text"):
+        pad_collate([{"input_ids": "def f(): pass"}])
+
+
+def test_packing_is_trl_wrapped_packing_in_full_blocks(tiny_tokenizer):
+    """Ours, not TRL's ``pack_dataset``: TRL is not a dependency of the package, and its "wrapped" strategy keeps a
+    short last block (one per ``map`` batch of 1000 documents); otherwise the two give the same blocks."""
+    trl = pytest.importorskip("trl")
+    docs = Dataset.from_dict({"input_ids": [_doc_ids(tiny_tokenizer, doc) for doc in DOCS * 3]})
+    theirs = list(trl.pack_dataset(docs, seq_length=7, strategy="wrapped")["input_ids"])
+    ours = list(tokenize_records(Dataset.from_dict({"text": DOCS * 3}), tiny_tokenizer, max_length=7)["input_ids"])
+    assert len(theirs[-1]) < 7 and ours == theirs[:-1]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # train_eval_split
 
@@ -291,6 +334,16 @@ def test_split_is_deterministic_disjoint_and_complete():
     assert sorted(list(train["text"]) + list(evaluation["text"])) == sorted(list(ds["text"]))
     assert list(train["text"]) == sorted(list(train["text"]), key=lambda t: int(t.split()[1]))  # original order kept
     assert train_eval_split(ds, 0.2, seed=4)[1]["text"] != list(evaluation["text"])
+
+
+@pytest.mark.parametrize(("n", "fraction", "seed"), [(50, 0.2, 3), (12, 0.1, 1), (7, 0.5, 0)])
+def test_split_draws_the_rows_of_datasets_train_test_split(n, fraction, seed):
+    ds = Dataset.from_dict({"text": [str(i) for i in range(n)]})
+    train, evaluation = train_eval_split(ds, fraction, seed=seed)
+    theirs = ds.train_test_split(test_size=len(evaluation), seed=seed)
+    assert list(evaluation["text"]) == sorted(theirs["test"]["text"], key=int)
+    assert list(train["text"]) == sorted(theirs["train"]["text"], key=int)
+    assert train.column_names == evaluation.column_names == ["text"]
 
 
 def test_split_by_rows_and_at_least_one_eval_row():

@@ -78,6 +78,15 @@ def test_sft_trl():
     assert int(re.search(r"input-grad hooks removed: (\d+)", text).group(1)) >= 1
 
 
+def test_sft_trl_conversational():
+    pytest.importorskip("trl")
+    text = run_example("sft_trl.py", "--conversational")
+    check_trainer_run(text)
+    row = re.search(r"first row: (\d+) tokens, (\d+) of them trained \(the assistant's\)", text)
+    assert row, text
+    assert 0 < int(row.group(2)) < int(row.group(1))  # the system and user turns do not train
+
+
 def test_quick_start_notebook(monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
 from aletheia_lora.checks import check_bool, check_choice, check_int
-from aletheia_lora.data import IGNORE_INDEX
+from aletheia_lora.data import IGNORE_INDEX, conversation_tokens
+from aletheia_lora.data.chat import normalize_messages
 from aletheia_lora.layers import DecoderStack, find_decoder_stack, unwrap_model
 from aletheia_lora.plan import DEFAULT_SEQ_LEN, Plan, make_plan
 from aletheia_lora.probe import LayerScores
@@ -138,10 +139,14 @@ class AletheiaReport:
 
 
 def _tokenize_row(row, tokenizer, max_length: int, index: int) -> Mapping:
-    """One training row as the probe wants it: tokenized rows as they are, TRL-style text rows tokenized.
+    """One training row as the probe wants it: tokenized rows as they are, TRL-style rows tokenized.
 
-    TRL's dataset formats: ``text``; ``messages`` (rendered with the chat template); ``prompt`` and
-    ``completion`` strings (the prompt's tokens are masked out of the loss, as SFT trains on completions).
+    TRL's dataset formats, with the loss where SFT puts it: ``text`` (every token); ``messages`` (or ShareGPT's
+    ``conversations``): the assistant's turns only, as TRL's ``assistant_only_loss``; ``prompt`` and
+    ``completion``: the completion only, as ``SFTTrainer`` does by default, whether both are strings (joined as
+    they are, as ``SFTTrainer`` joins them, with EOS after the completion) or both lists of messages (TRL's
+    conversational prompt/completion). Conversations use the tokenizer's chat template, or
+    :data:`~aletheia_lora.data.FALLBACK_CHAT_TEMPLATE` when it has none (see :func:`conversation_tokens`).
     """
     if not isinstance(row, Mapping):
         raise TypeError(f"train_dataset rows must be dicts, got {type(row).__name__} at row {index}")
@@ -153,32 +158,54 @@ def _tokenize_row(row, tokenizer, max_length: int, index: int) -> Mapping:
         raise ValueError(
             "train_dataset holds text, not 'input_ids': pass tokenizer=... so that the probed rows can be tokenized"
         )
+    where = f"train_dataset row {index}"
 
     def ids(encoded) -> list[int]:
         return list(encoded["input_ids"] if isinstance(encoded, Mapping) else encoded)
 
     def nonempty(tokens: list[int], field: str) -> list[int]:
         if not tokens:  # caught here, where the row's index and field are known
-            raise ValueError(f"train_dataset row {index}: its {field!r} gives no tokens (empty?); drop such rows")
+            raise ValueError(f"{where}: its {field!r} gives no tokens (empty?); drop such rows")
         return tokens
 
-    if isinstance(row.get("text"), str):
-        return {"input_ids": nonempty(ids(tokenizer(row["text"])), "text")[:max_length]}
-    if isinstance(row.get("messages"), list):
-        rendered = ids(tokenizer.apply_chat_template(row["messages"], tokenize=True))
-        return {"input_ids": nonempty(rendered, "messages")[:max_length]}
-    if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-        prompt = ids(tokenizer(row["prompt"]))
-        completion = ids(tokenizer(row["completion"], add_special_tokens=False))
-        if tokenizer.eos_token_id is not None:
-            completion.append(tokenizer.eos_token_id)
-        return {
-            "input_ids": nonempty(prompt + completion, "prompt+completion")[:max_length],
-            "labels": ([IGNORE_INDEX] * len(prompt) + completion)[:max_length],
-        }
+    def conversation(messages: list[dict], field: str, train_from: int = 0) -> dict:
+        input_ids, labels = conversation_tokens(tokenizer, messages, train_from=train_from, where=where)
+        if all(label == IGNORE_INDEX for label in labels):
+            raise ValueError(f"{where}: its {field!r} hold no assistant turn to train on; drop such rows")
+        return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+
+    # a dataset mixing formats fills the other formats' columns with None: a None column is absent
+    present = {key: value for key, value in row.items() if value is not None}
+    if isinstance(present.get("text"), str):
+        return {"input_ids": nonempty(ids(tokenizer(present["text"])), "text")[:max_length]}
+    for key in ("messages", "conversations"):
+        if key in present:
+            return conversation(normalize_messages(present[key], f"{where}: {key!r}"), key)
+    if "prompt" in present and "completion" in present:
+        prompt, completion = present["prompt"], present["completion"]
+        if isinstance(prompt, str) and isinstance(completion, str):
+            prompt_ids = ids(tokenizer(prompt))
+            completion_ids = ids(tokenizer(completion, add_special_tokens=False))
+            if tokenizer.eos_token_id is not None:
+                completion_ids.append(tokenizer.eos_token_id)
+            return {
+                "input_ids": nonempty(prompt_ids + completion_ids, "prompt+completion")[:max_length],
+                "labels": ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length],
+            }
+        if isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational prompt/completion
+            context = normalize_messages(prompt, f"{where}: 'prompt'")
+            answer = normalize_messages(completion, f"{where}: 'completion'")
+            return conversation(context + answer, "completion", train_from=len(context))
+        raise ValueError(
+            f"{where}: 'prompt' and 'completion' must both be strings or both lists of messages, got "
+            f"{type(prompt).__name__} and {type(completion).__name__}"
+        )
+    if "text" in present:
+        raise ValueError(f"{where}: 'text' must be a string, got {type(present['text']).__name__}")
+    empty = sorted(set(row) - set(present))
     raise ValueError(
-        f"train_dataset row {index} has none of 'input_ids', 'text', 'messages' or 'prompt'+'completion' "
-        f"(it has {sorted(row)})"
+        f"{where} has none of 'input_ids', 'text', 'messages' or 'prompt'+'completion' (it has {sorted(present)}"
+        + (f"; None: {empty})" if empty else ")")
     )
 
 
@@ -261,8 +288,9 @@ def configure_aletheia_lora(
     Args:
         model: The base causal LM (not yet wrapped by PEFT). It is left exactly as found.
         train_dataset: The training rows (a sized or an iterable dataset, or a ``DataLoader`` of padded
-            batches): tokenized (``input_ids``, optionally ``attention_mask``/``labels``), or TRL-style text rows
-            (``text``, ``messages``, ``prompt``+``completion``) with ``tokenizer``.
+            batches): tokenized (``input_ids``, optionally ``attention_mask``/``labels``), or TRL-style rows with
+            ``tokenizer``: ``text``, ``messages`` (loss on the assistant turns), ``prompt``+``completion`` as strings
+            or lists of messages (loss on the completion).
         tokenizer: Tokenizes text rows for the probe (only the rows it samples).
         max_length: Text rows are cut to this many tokens for the probe.
         top_pct: Share of blocks to adapt, as :func:`select_layers`.

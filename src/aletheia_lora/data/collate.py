@@ -29,6 +29,10 @@ def _integer_tensor(value: Any, row: int, key: str) -> torch.Tensor:
     return tensor.to(torch.long).flatten()
 
 
+# Not transformers.DataCollatorForSeq2Seq, which gives the same batch for well-formed rows (right padding, labels
+# padded with -100): the probe collates users' rows with only a pad id (theirs needs a tokenizer with a pad token),
+# rows may come without labels (theirs then gives none, so no loss), a row's own padding must stay out of the loss
+# (theirs keeps its labels), and text where ids belong gets a message (tests/test_data.py shows each).
 def pad_collate(features: Sequence[Mapping], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad a list of tokenized rows into a batch whose loss covers real tokens only.
 

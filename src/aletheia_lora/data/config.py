@@ -1,30 +1,46 @@
-"""The data settings of the command line, the train/eval split of records, and the datasets a run trains on."""
+"""The data settings of the command line, the train/eval split of records, and the datasets a run trains on.
+
+Formats (:mod:`~aletheia_lora.data.formats`): plain text; conversations (a ``messages`` column, loss on the assistant
+turns); prompt/response or TRL's prompt/completion, as text or as lists of messages (loss on the response). Text
+pairs without a chat template are joined as prompt, a newline (none when the prompt ends or the response starts with
+whitespace), response and EOS. ``--system-prompt`` is put first in every conversation that has no system message.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 from datasets import Dataset
 
+from aletheia_lora.data.chat import chat_template_of, has_generation_tags
 from aletheia_lora.data.corpora import _check_cap, bundled_corpus, is_bundled_corpus, missing_corpus_package
-from aletheia_lora.data.load import load_records
+from aletheia_lora.data.formats import CONVERSATIONS, PAIRS, TEXT, DataFormat, detect_format
+from aletheia_lora.data.load import load_records, read_records
 from aletheia_lora.data.tokenize import tokenize_records
 
 logger = logging.getLogger(__name__)
 
 
+# A column that carries each row's original position through the library's split (see train_eval_split).
+_ROW = "__aletheia_row__"
+
+
 def train_eval_split(
     ds: Dataset, eval_fraction: float = 0.1, seed: int = 0, *, eval_rows: int | None = None
 ) -> tuple[Dataset, Dataset]:
-    """Split records into train and eval sets, deterministically.
+    """Split records into train and eval sets, deterministically, with ``Dataset.train_test_split``.
 
-    Rows are assigned by a permutation drawn from ``numpy.random.default_rng(seed)``: the same dataset and seed
-    always give the same split. Both parts keep the original row order. Split documents before tokenizing, so
-    no document lands on both sides.
+    The rows are drawn by ``train_test_split(test_size=n, seed=seed)`` (a permutation from
+    ``numpy.random.default_rng(seed)``): the same dataset and seed always give the same split. Two things are
+    this function's own: the number of eval rows is ``round(len * eval_fraction)``, at least 1 and leaving at
+    least 1 for training (``train_test_split`` rounds a fraction up and refuses rather than clamps), and both
+    parts keep the original row order (documents are packed in file order). Split documents before tokenizing,
+    so no document lands on both sides. The bundled corpora are not split here: their eval documents are
+    held-out files (:func:`~aletheia_lora.data.bundled_corpus`).
 
     Args:
         ds: The records.
@@ -49,10 +65,8 @@ def train_eval_split(
         if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, (int, float)) or not 0 < eval_fraction < 1:
             raise ValueError(f"eval_fraction must be strictly between 0 and 1, got {eval_fraction!r}")
         n_eval = min(max(1, round(n * eval_fraction)), n - 1)
-    order = np.random.default_rng(seed).permutation(n)
-    eval_idx = np.sort(order[:n_eval])
-    train_idx = np.sort(order[n_eval:])
-    return ds.select(train_idx.tolist()), ds.select(eval_idx.tolist())
+    split = ds.add_column(_ROW, list(range(n))).train_test_split(test_size=n_eval, seed=seed)
+    return tuple(ds.select(sorted(split[part][_ROW])) for part in ("train", "test"))  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,13 +99,47 @@ class DataConfig:
         default="kjv",
         metadata={"help": "General text unrelated to the target, to measure forgetting on; 'none' to skip."},
     )
-    text_field: str = field(default="text", metadata={"help": "Column holding plain text in --data files."})
+    text_field: str = field(
+        default="text",
+        metadata={
+            "help": "Column holding plain text in --data files; when 'text' is absent, TRL's conversation or "
+            "prompt/completion columns are looked for (see --messages-field, --response-field)."
+        },
+    )
     prompt_field: str | None = field(
         default=None, metadata={"help": "Column holding prompts (with --response-field: loss on responses only)."}
     )
-    response_field: str | None = field(default=None, metadata={"help": "Column holding responses."})
+    response_field: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column holding responses (TRL's 'completion'). Both columns may hold text or both lists of "
+            "messages (TRL's conversational prompt/completion). Text is joined as prompt, a newline (none when "
+            "the prompt ends or the response starts with whitespace), response, EOS; without named columns, "
+            "'prompt'+'completion' or 'prompt'+'response' are used when the data has no --text-field column."
+        },
+    )
+    messages_field: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column holding conversations: lists of {role, content} messages (system, user, assistant; "
+            "multi-turn), loss on the assistant turns only, rendered with the tokenizer's chat template (a "
+            "plain 'Role:' template when it has none). Default: a 'messages' or 'conversations' column, when the "
+            "data has no --text-field column."
+        },
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "System message put first in every conversation that has none (conversations, "
+            "prompt/completion messages, and --chat-template pairs); not for plain text or untemplated pairs."
+        },
+    )
     chat_template: bool = field(
-        default=False, metadata={"help": "Render prompt/response pairs with the tokenizer's chat template."}
+        default=False,
+        metadata={
+            "help": "Render prompt/response text with the tokenizer's chat template (a user and an assistant "
+            "turn); conversations always use it."
+        },
     )
     max_length: int = field(default=128, metadata={"help": "Tokens per training block or row."})
     pack: bool = field(
@@ -123,7 +171,7 @@ class DataConfig:
             self.general_data = None
         if self.eval_data is not None and not str(self.eval_data).strip():
             self.eval_data = None
-        for name in ("text_field", "prompt_field", "response_field"):
+        for name in ("text_field", "prompt_field", "response_field", "messages_field"):
             value = getattr(self, name)
             if (value is not None or name == "text_field") and (not isinstance(value, str) or not value.strip()):
                 raise ValueError(f"{_flag(name)} must be a column name, got {value!r}")
@@ -132,8 +180,17 @@ class DataConfig:
                 raise ValueError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
         if (self.prompt_field is None) != (self.response_field is None):
             raise ValueError("--prompt-field and --response-field go together: pass both or neither")
+        if self.messages_field is not None and self.prompt_field is not None:
+            raise ValueError("--messages-field and --prompt-field/--response-field are two formats: pass one")
+        if self.chat_template and self.messages_field is not None:
+            raise ValueError(
+                "--chat-template is for --prompt-field/--response-field text; conversations (--messages-field) "
+                "always use the chat template"
+            )
         if self.chat_template and self.prompt_field is None:
             raise ValueError("--chat-template needs --prompt-field and --response-field")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise ValueError(f"--system-prompt must be text, got {self.system_prompt!r}")
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(f"--max-length must be an integer >= 2, got {self.max_length!r}")
         if isinstance(self.eval_fraction, bool) or not isinstance(self.eval_fraction, (int, float)):
@@ -180,23 +237,83 @@ _DEFAULTS = {f.name: f.default for f in fields(DataConfig)}
 
 
 def _source_records(
-    flag: str, source: str, split: str, cfg: DataConfig, max_chars: int | None, fields_: dict
+    flag: str, source: str, split: str, cfg: DataConfig, max_chars: int | None, text_field: str | None = None
 ) -> Dataset:
+    """A bundled corpus's split, or a path's records (with ``text_field`` checked when given)."""
     if is_bundled_corpus(source):
         return bundled_corpus(source, split, max_chars=max_chars, max_doc_chars=cfg.max_doc_chars)
     try:
-        return load_records(source, **fields_)
+        return read_records(source) if text_field is None else load_records(source, text_field=text_field)
     except ValueError as exc:  # which of --data, --eval-data, --general-data the file came from
         raise ValueError(f"{flag}: {exc}") from exc
+
+
+def _target_format(flag: str, source: str, records: Dataset, cfg: DataConfig) -> DataFormat:
+    if is_bundled_corpus(source):
+        return DataFormat(TEXT, text_field="text")
+    try:
+        return detect_format(
+            records,
+            text_field=cfg.text_field,
+            prompt_field=cfg.prompt_field,
+            response_field=cfg.response_field,
+            messages_field=cfg.messages_field,
+            where=str(Path(source).expanduser()),
+        )
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from exc
+
+
+def _tokenize(records: Dataset, fmt: DataFormat, cfg: DataConfig, tokenizer: Any) -> Dataset:
+    if fmt.kind == TEXT and cfg.system_prompt is not None:
+        raise ValueError(
+            "--system-prompt applies to conversations and prompt/response pairs; the data is plain text "
+            f"({fmt.text_field!r})"
+        )
+    if fmt.kind == PAIRS and not fmt.conversational and not cfg.chat_template and cfg.system_prompt is not None:
+        raise ValueError(
+            "--system-prompt needs --chat-template for prompt/response text (without a chat template there is no "
+            "system turn), or put the instructions in the prompts"
+        )
+    return tokenize_records(
+        records,
+        tokenizer,
+        max_length=cfg.max_length,
+        pack=cfg.pack,
+        chat_template=cfg.chat_template,
+        system_prompt=None if fmt.kind == TEXT else cfg.system_prompt,
+        **{k: v for k, v in fmt.to_dict().items() if k.endswith("_field") and v is not None},
+    )
+
+
+def _describe(fmt: DataFormat, cfg: DataConfig, tokenizer: Any) -> str:
+    """One line for the log: the format, the template and how the tokens that train are found."""
+    text = fmt.describe()
+    if fmt.kind == CONVERSATIONS or fmt.conversational or (fmt.kind == PAIRS and cfg.chat_template):
+        template, own = chat_template_of(tokenizer)
+        text += "; chat template: " + ("the tokenizer's" if own else "the fallback")
+        if fmt.kind == CONVERSATIONS:
+            tagged = has_generation_tags(template) and getattr(tokenizer, "is_fast", False)
+            text += ", assistant turns found by " + ("its {% generation %} tags" if tagged else "rendering prefixes")
+        else:
+            text += ", the response is what follows the rendered prompt"
+    elif fmt.kind == PAIRS:
+        text += "; joined by a newline unless either side has whitespace there, EOS after the response"
+    if cfg.system_prompt is not None and fmt.kind != TEXT:
+        text += "; the system prompt goes where a conversation has none"
+    return text
 
 
 def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[Dataset, Dataset, Dataset | None]:
     """Build the tokenized train, eval and general-eval sets that the command line trains and evaluates on.
 
-    The target (``cfg.data``) is a bundled corpus, whose train and eval splits hold different documents, or a
-    path: then eval comes from ``cfg.eval_data`` or, without it, from a seeded split of the records (split
-    before tokenizing, so no document feeds both). The general set is bundled text (default ``"kjv"``) or a
-    path, always tokenized as plain text; it is ``None`` when ``cfg.general_data`` is ``None``.
+    The target (``cfg.data``) is a bundled corpus, whose train and eval splits hold different documents (whole
+    held-out files), or a path: then eval comes from ``cfg.eval_data`` or, without it, from a seeded split of the
+    records (:func:`train_eval_split`, before tokenizing, so no document feeds both). The format of a path's
+    records comes from the named columns, else from TRL's column names (:func:`detect_format`): plain text,
+    conversations (loss on the assistant turns) or prompt/completion pairs (loss on the completion). The general
+    set is bundled text (default ``"kjv"``) or a path, always tokenized as plain text; it is ``None`` when
+    ``cfg.general_data`` is ``None``.
 
     Args:
         cfg: The data configuration.
@@ -209,33 +326,35 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[Dataset, Dataset, D
         ValueError: from loading or tokenizing, naming the file, field or option at fault.
     """
     cfg.check_packages()
-    pair_fields = {"prompt_field": cfg.prompt_field, "response_field": cfg.response_field}
-    target_fields = pair_fields if cfg.prompt_field else {"text_field": cfg.text_field}
-    train_records = _source_records("--data", cfg.data, "train", cfg, cfg.max_train_chars, target_fields)
+    train_records = _source_records("--data", cfg.data, "train", cfg, cfg.max_train_chars)
+    train_format = _target_format("--data", cfg.data, train_records, cfg)
     if cfg.eval_data is not None:
-        eval_records = _source_records("--eval-data", cfg.eval_data, "eval", cfg, cfg.max_eval_chars, target_fields)
+        eval_records = _source_records("--eval-data", cfg.eval_data, "eval", cfg, cfg.max_eval_chars)
+        eval_format = _target_format("--eval-data", cfg.eval_data, eval_records, cfg)
     elif is_bundled_corpus(cfg.data):
         eval_records = bundled_corpus(cfg.data, "eval", max_chars=cfg.max_eval_chars, max_doc_chars=cfg.max_doc_chars)
+        eval_format = train_format
     else:
         train_records, eval_records = train_eval_split(train_records, cfg.eval_fraction, cfg.split_seed)
-
-    def tokenize(records: Dataset, **fields_: Any) -> Dataset:
-        return tokenize_records(
-            records, tokenizer, max_length=cfg.max_length, pack=cfg.pack, chat_template=cfg.chat_template, **fields_
-        )
-
-    train = tokenize(train_records, **target_fields)
-    evaluation = tokenize(eval_records, **target_fields)
+        eval_format = train_format
+    logger.info("data format: %s", _describe(train_format, cfg, tokenizer))
+    if eval_format != train_format:
+        logger.info("eval data format: %s", _describe(eval_format, cfg, tokenizer))
+    train = _tokenize(train_records, train_format, cfg, tokenizer)
+    evaluation = _tokenize(eval_records, eval_format, cfg, tokenizer)
     general = None
     if cfg.general_data is not None:
         if cfg.general_data.strip().lower() == cfg.data.strip().lower():
             logger.warning("the general corpus is the target corpus; forgetting will not be measured")
         text_field = "text" if is_bundled_corpus(cfg.general_data) else cfg.text_field
         general_records = _source_records(
-            "--general-data", cfg.general_data, "eval", cfg, cfg.max_eval_chars, {"text_field": text_field}
+            "--general-data", cfg.general_data, "eval", cfg, cfg.max_eval_chars, text_field=text_field
         )
-        general = tokenize(general_records, text_field=text_field)
-    logger.info(
+        general = tokenize_records(
+            general_records, tokenizer, max_length=cfg.max_length, pack=cfg.pack, text_field=text_field
+        )
+    # the counts are the caller's to report (the pipeline prints them once)
+    logger.debug(
         "data: %d train, %d eval and %s general rows of up to %d tokens",
         len(train),
         len(evaluation),

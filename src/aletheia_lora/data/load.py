@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+from aletheia_lora.data.formats import _check_fields, _required_fields, detect_format
 
 logger = logging.getLogger(__name__)
 
@@ -111,21 +112,17 @@ def _read_path(path: Path) -> Dataset:
         raise _fail(path, exc, fmt) from exc
 
 
-def _required_fields(text_field: str | None, prompt_field: str | None, response_field: str | None) -> list[str]:
-    if (prompt_field is None) != (response_field is None):
-        raise ValueError("prompt_field and response_field go together: pass both or neither")
-    if prompt_field is not None:
-        return [prompt_field, response_field]  # type: ignore[list-item]
-    return [text_field or "text"]
+def read_records(path: str | os.PathLike) -> Dataset:
+    """Read a local data file or folder as :func:`load_records` does, without checking any column.
 
-
-def _check_fields(ds: Dataset, names: Sequence[str], where: str) -> None:
-    for name in names:
-        if name not in ds.column_names:
-            raise ValueError(f"field {name!r} not found in {where}; fields: {', '.join(ds.column_names) or '(none)'}")
-        feature = ds.features[name]
-        if getattr(feature, "dtype", None) not in ("string", "large_string"):
-            raise ValueError(f"field {name!r} in {where} must hold text, found {feature}")
+    Raises:
+        ValueError: the file is missing, unreadable, of an unknown type or holds no records.
+    """
+    path = Path(path).expanduser()
+    ds = _read_path(path)
+    if len(ds) == 0:
+        raise ValueError(f"{path} holds no records")
+    return ds
 
 
 def load_records(
@@ -134,6 +131,7 @@ def load_records(
     text_field: str | None = None,
     prompt_field: str | None = None,
     response_field: str | None = None,
+    messages_field: str | None = None,
 ) -> Dataset:
     """Load a local data file or folder as a ``datasets.Dataset``, offline.
 
@@ -144,12 +142,14 @@ def load_records(
 
     Args:
         path: The file or folder.
-        text_field: Column holding plain text (default ``"text"``); checked unless prompt/response are given.
+        text_field: Column holding plain text (default ``"text"``); checked unless other columns are named.
         prompt_field: Column holding prompts; needs ``response_field``.
         response_field: Column holding responses; needs ``prompt_field``.
+        messages_field: Column holding conversations (lists of ``{"role", "content"}`` messages).
 
     Returns:
-        The dataset with all of its columns; the required ones are checked to exist and hold text.
+        The dataset with all of its columns; the named ones are checked to exist and hold text (or lists, for
+        conversations and TRL's conversational prompt/completion).
 
     Raises:
         ValueError: the file is missing, unreadable or of an unknown type (the message names it), or a field is
@@ -157,8 +157,15 @@ def load_records(
     """
     path = Path(path).expanduser()
     required = _required_fields(text_field, prompt_field, response_field)
-    ds = _read_path(path)
-    if len(ds) == 0:
-        raise ValueError(f"{path} holds no records")
-    _check_fields(ds, required, str(path))
+    ds = read_records(path)
+    if messages_field is not None or prompt_field is not None:
+        detect_format(
+            ds,
+            prompt_field=prompt_field,
+            response_field=response_field,
+            messages_field=messages_field,
+            where=str(path),
+        )
+    else:
+        _check_fields(ds, required, str(path))
     return ds

@@ -14,8 +14,15 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
+from aletheia_lora.data.chat import (
+    chat_template_of,
+    conversation_tokens,
+    normalize_messages,
+    warn_once,
+    with_system_prompt,
+)
 from aletheia_lora.data.collate import IGNORE_INDEX
-from aletheia_lora.data.load import _check_fields, _required_fields
+from aletheia_lora.data.formats import CONVERSATIONS, PAIRS, DataFormat, detect_format, prompt_separator
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +62,8 @@ def _tokenize_text(ds: Dataset, tokenizer: Any, max_length: int, pack: bool, tex
     if eos is not None:
         docs = [ids if ids and ids[-1] == eos else ids + [eos] for ids in docs]
     if pack:
+        # run_clm's group_texts; TRL's pack_dataset(strategy="wrapped") gives the same blocks but keeps a short one
+        # per map batch, and TRL is no dependency of this package (test_packing_is_trl_wrapped_packing_in_full_blocks)
         flat = np.fromiter((i for ids in docs for i in ids), dtype=np.int64)
         n_blocks = len(flat) // max_length
         if n_blocks == 0:
@@ -71,49 +80,112 @@ def _tokenize_text(ds: Dataset, tokenizer: Any, max_length: int, pack: bool, tex
     return _rows(rows)
 
 
-def _chat_ids(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    user = {"role": "user", "content": prompt}
-    prompt_ids = list(tokenizer.apply_chat_template([user], add_generation_prompt=True, return_dict=False))
-    full = list(tokenizer.apply_chat_template([user, {"role": "assistant", "content": response}], return_dict=False))
-    if full[: len(prompt_ids)] != prompt_ids:
-        raise ValueError(
-            "the tokenizer's chat template does not render the prompt as a prefix of the whole conversation, "
-            "so the prompt cannot be masked; use chat_template=False"
+def _template(tokenizer: Any) -> str:
+    template, own = chat_template_of(tokenizer)
+    if not own:  # once: the train and eval sets are tokenized one after the other
+        warn_once(
+            "the tokenizer has no chat template: conversations are rendered with aletheia-lora's plain one "
+            "('Role:' lines, EOS after each assistant turn; aletheia_lora.data.FALLBACK_CHAT_TEMPLATE)"
         )
-    return prompt_ids, full[len(prompt_ids) :]
+    return template
 
 
-def _tokenize_pairs(
-    ds: Dataset, tokenizer: Any, max_length: int, prompt_field: str, response_field: str, chat_template: bool
-) -> Dataset:
-    prompts = [p or "" for p in ds[prompt_field]]
-    responses = [r or "" for r in ds[response_field]]
-    if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat_template=True but the tokenizer has no chat template")
-        pairs = [_chat_ids(tokenizer, p, r) for p, r in zip(prompts, responses)]
-    else:
-        eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-        prompt_ids = _encode(tokenizer, prompts, add_special_tokens=True)
-        response_ids = [ids + eos for ids in _encode(tokenizer, responses, add_special_tokens=False)]
-        pairs = list(zip(prompt_ids, response_ids))
+def _keep_trained(
+    rows: list[tuple[list[int], list[int]]], max_length: int, what: str, trained: str
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Rows cut to ``max_length``; those left with nothing to train on are dropped, with a warning."""
     input_ids, labels = [], []
-    for (p_ids, r_ids), response in zip(pairs, responses):
-        ids = (p_ids + r_ids)[:max_length]
-        row_labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_length]
-        if not response or all(label == IGNORE_INDEX for label in row_labels):
-            continue
-        input_ids.append(ids)
-        labels.append(row_labels)
-    if len(input_ids) < len(pairs):
+    for ids, row_labels in rows:
+        ids, row_labels = ids[:max_length], row_labels[:max_length]
+        if ids and any(label != IGNORE_INDEX for label in row_labels):
+            input_ids.append(ids)
+            labels.append(row_labels)
+    if len(input_ids) < len(rows):
         logger.warning(
-            "dropped %d of %d prompt/response rows with no response tokens within max_length=%d",
-            len(pairs) - len(input_ids),
-            len(pairs),
+            "dropped %d of %d %s rows with no %s tokens within max_length=%d",
+            len(rows) - len(input_ids),
+            len(rows),
+            what,
+            trained,
             max_length,
         )
     if not input_ids:
-        raise ValueError(f"no prompt/response row has a response token within max_length={max_length}")
+        article = "an" if trained[0] in "aeiou" else "a"
+        raise ValueError(f"no {what} row has {article} {trained} token within max_length={max_length}")
+    return input_ids, labels
+
+
+def _string_pairs(
+    tokenizer: Any, prompts: list[str], responses: list[str], chat_template: bool, system_prompt: str | None
+) -> list[tuple[list[int], list[int]]]:
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat_template=True but the tokenizer has no chat template")
+        template = chat_template_of(tokenizer)[0]
+        rows = []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            if not response:  # nothing to learn; dropped below with the count
+                rows.append(([], []))
+                continue
+            messages = with_system_prompt(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], system_prompt
+            )
+            rows.append(
+                conversation_tokens(
+                    tokenizer, messages, train_from=len(messages) - 1, template=template, where=f"row {i}"
+                )
+            )
+        return rows
+    if system_prompt is not None:
+        raise ValueError(
+            "system_prompt needs a chat template: pass chat_template=True (prompt/response text without one has no "
+            "system turn), or put the instructions in the prompts"
+        )
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    prompt_ids = _encode(
+        tokenizer, [p + prompt_separator(p, r) for p, r in zip(prompts, responses)], add_special_tokens=True
+    )
+    response_ids = _encode(tokenizer, responses, add_special_tokens=False)
+    return [
+        (p + r + eos, [IGNORE_INDEX] * len(p) + r + eos) if response else ([], [])
+        for p, r, response in zip(prompt_ids, response_ids, responses)
+    ]
+
+
+def _tokenize_pairs(
+    ds: Dataset, tokenizer: Any, max_length: int, fmt: DataFormat, chat_template: bool, system_prompt: str | None
+) -> Dataset:
+    prompts, responses = ds[fmt.prompt_field], ds[fmt.response_field]
+    if fmt.conversational:  # TRL's conversational prompt/completion: always through a chat template
+        template = _template(tokenizer)
+        rows = []
+        for i, (prompt, completion) in enumerate(zip(prompts, responses)):
+            where = f"row {i}"
+            context = normalize_messages(prompt, f"{where} of {fmt.prompt_field!r}")
+            answer = normalize_messages(completion, f"{where} of {fmt.response_field!r}")
+            messages = with_system_prompt(context + answer, system_prompt)
+            rows.append(
+                conversation_tokens(
+                    tokenizer, messages, train_from=len(messages) - len(answer), template=template, where=where
+                )
+            )
+    else:
+        rows = _string_pairs(
+            tokenizer, [p or "" for p in prompts], [r or "" for r in responses], chat_template, system_prompt
+        )
+    input_ids, labels = _keep_trained(rows, max_length, "prompt/response", "response")
+    return _rows(input_ids, labels)
+
+
+def _tokenize_conversations(
+    ds: Dataset, tokenizer: Any, max_length: int, field: str, system_prompt: str | None
+) -> Dataset:
+    template = _template(tokenizer)
+    rows = []
+    for i, value in enumerate(ds[field]):
+        messages = with_system_prompt(normalize_messages(value, f"row {i} of {field!r}"), system_prompt)
+        rows.append(conversation_tokens(tokenizer, messages, template=template, where=f"row {i}"))
+    input_ids, labels = _keep_trained(rows, max_length, "conversation", "assistant")
     return _rows(input_ids, labels)
 
 
@@ -127,28 +199,41 @@ def tokenize_records(
     prompt_field: str | None = None,
     response_field: str | None = None,
     chat_template: bool = False,
+    messages_field: str | None = None,
+    system_prompt: str | None = None,
 ) -> Dataset:
     """Tokenize records for causal-LM training.
 
-    Text mode (no prompt/response fields): each non-empty document is tokenized with the tokenizer's own special
-    tokens and ends with the EOS token. With ``pack=True`` all documents are concatenated and cut into blocks of
-    exactly ``max_length`` tokens (the remainder is dropped); with ``pack=False`` each document becomes one row,
-    truncated to ``max_length``.
+    The format comes from the named columns, else from TRL's column names (:func:`detect_format`).
 
-    Prompt/response mode: one row per pair, truncated to ``max_length``, never packed. The row is the prompt
-    followed by the response and EOS (or, with ``chat_template=True``, the tokenizer's chat template for a user
-    turn and an assistant turn); ``labels`` are ``-100`` on every prompt token, so the loss covers the response
-    only. Rows left without a response token (empty, or cut off by truncation) are dropped with a warning.
+    Text: each non-empty document is tokenized with the tokenizer's own special tokens and ends with the EOS
+    token. With ``pack=True`` all documents are concatenated and cut into blocks of exactly ``max_length`` tokens
+    (the remainder is dropped); with ``pack=False`` each document becomes one row, truncated to ``max_length``.
+
+    Prompt/response (or TRL's prompt/completion) strings: one row per pair, never packed. Without
+    ``chat_template`` the row is the prompt, :func:`prompt_separator` (a newline unless either side already has
+    whitespace there), the response and EOS; with it, the tokenizer's chat template for a user turn and an
+    assistant turn. ``labels`` are ``-100`` on every prompt token, so the loss covers the response only.
+
+    Conversations (``messages``) and TRL's conversational prompt/completion (both lists of messages): one row per
+    conversation, rendered with the tokenizer's chat template (:data:`FALLBACK_CHAT_TEMPLATE` when it has none);
+    the loss covers the assistant's turns (of the completion), see :func:`conversation_tokens`.
+
+    Rows are truncated to ``max_length`` (keeping the start); rows left without a token to train on (an empty
+    response, or one cut off by truncation) are dropped with a warning.
 
     Args:
         ds: Records, e.g. from :func:`load_records` or :func:`bundled_corpus`.
         tokenizer: A Hugging Face tokenizer.
         max_length: Tokens per block or row, at least 2.
-        pack: Pack text into full blocks (text mode only).
-        text_field: Column with the text in text mode.
-        prompt_field: Column with prompts; with ``response_field`` selects prompt/response mode.
-        response_field: Column with responses.
-        chat_template: Render pairs with the tokenizer's chat template instead of plain concatenation.
+        pack: Pack text into full blocks (text only).
+        text_field: Column with the text.
+        prompt_field: Column with prompts (strings or lists of messages); with ``response_field``.
+        response_field: Column with responses or completions.
+        chat_template: Render string pairs with the tokenizer's chat template instead of plain joining.
+        messages_field: Column with conversations.
+        system_prompt: A system message put first in every conversation without one (conversations, and string
+            pairs with ``chat_template``); refused for plain text and untemplated pairs, which have no system turn.
 
     Returns:
         A dataset with exactly the columns ``input_ids``, ``attention_mask`` and ``labels``.
@@ -157,13 +242,24 @@ def tokenize_records(
         ValueError: a bad ``max_length``, a missing field, too little text for one block, or no usable row.
     """
     _check_max_length(max_length)
-    required = _required_fields(text_field, prompt_field, response_field)
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise ValueError(f"system_prompt must be text or None, got {type(system_prompt).__name__}")
     if len(ds) == 0:
         raise ValueError("the dataset holds no records: nothing to tokenize")
-    _check_fields(ds, required, "the dataset")
-    if prompt_field is not None:
-        return _tokenize_pairs(ds, tokenizer, max_length, prompt_field, response_field, chat_template)  # type: ignore[arg-type]
-    return _tokenize_text(ds, tokenizer, max_length, pack, required[0])
+    fmt = detect_format(
+        ds,
+        text_field=text_field,
+        prompt_field=prompt_field,
+        response_field=response_field,
+        messages_field=messages_field,
+    )
+    if fmt.kind == CONVERSATIONS:
+        return _tokenize_conversations(ds, tokenizer, max_length, fmt.messages_field, system_prompt)  # type: ignore[arg-type]
+    if fmt.kind == PAIRS:
+        return _tokenize_pairs(ds, tokenizer, max_length, fmt, chat_template, system_prompt)
+    if system_prompt is not None:
+        raise ValueError("system_prompt applies to conversations and prompt/response pairs, not to plain text")
+    return _tokenize_text(ds, tokenizer, max_length, pack, fmt.text_field)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------------------
