@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from aletheia_lora import distributed, gradient_probe
 from aletheia_lora.data import DataConfig, build_datasets
 from aletheia_lora.distributed import agree, fail_together, is_main_process, on_main_process
+from aletheia_lora.files import MANIFEST_NAME
 from aletheia_lora.models import ModelConfig
 from aletheia_lora.pipeline import RunConfig, run_probe
 from aletheia_lora.probe import ProbeConfig
@@ -166,7 +167,8 @@ def test_run_probe_in_one_process_writes_scores_selection_and_plot(tiny_checkpoi
         probe=ProbeConfig(probe_batches=2),
     )
     result = run_probe(config, tmp_path / "p", progress=False)
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["layer_scores.png", "scores.json", "selection.json"]
+    written = sorted(p.name for p in (tmp_path / "p").iterdir())
+    assert written == sorted([MANIFEST_NAME, "layer_scores.png", "scores.json", "selection.json"])
     assert result["scores"].meta["world_size"] == 1 and result["scores"].meta["sharded"] is False
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         run_probe(config, tmp_path / "p", progress=False)
@@ -210,7 +212,8 @@ def test_torchrun_run_two_ranks_rank_zero_writes_and_the_adapter_loads(tiny_chec
     assert report["train"]["processes"] == 2 and scores["meta"]["world_size"] == 2
     assert report["train"]["steps"] == 4
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
+    # no temporary files left behind (the manifest of what the run wrote is the one dot-file)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != MANIFEST_NAME]
     # the adapter loads with plain PEFT and reproduces the loss the run reported (evaluated by both ranks together)
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_checkpoint), out / "adapter")

@@ -194,9 +194,14 @@ def test_an_interrupted_adapter_save_leaves_the_old_adapter_and_no_temporary_fol
 # or is added here with its reason.
 REVIEWED_WRITES = {
     ("files.py", "write_text"): "the atomic writer itself (temporary file, fsync, rename)",
-    ("models.py", "write"): "fills write_dir_atomically's temporary folder, renamed whole once the marker is in",
+    (
+        "models/bundled.py",
+        "write",
+    ): "fills write_dir_atomically's temporary folder, renamed whole once the marker is in",
+    ("merge.py", "_fill_checkpoint"): "save_pretrained into atomic_dir's temporary folder, renamed whole",
     ("plots.py", "save_figure"): "savefig into files.atomic_path: a temporary name, then os.replace",
-    ("train.py", "_atomic_save_adapter"): "save_pretrained into a temporary folder, then os.replace",
+    ("train.py", "_fill_adapter"): "save_pretrained into atomic_dir's temporary folder (renamed whole), or into a "
+    "new folder beside adapter/ when files the tool did not write appeared in it during training",
     ("cli.py", "_cmd_config"): "save_pretrained into a TemporaryDirectory, read back, then write_text",
     ("config.py", "export_config"): "save_pretrained into a TemporaryDirectory, read back; the caller writes the text",
     (

@@ -3,8 +3,9 @@
 * Code shipped with a checkpoint runs only with ``trust_remote_code=True`` (``--trust-remote-code``).
 * Scores, selections and config files are read with ``json``/``yaml.safe_load``; nothing is unpickled, and any
   ``torch.load`` (ours, and the HF Trainer's when it resumes a checkpoint) passes ``weights_only=True``.
-* An output path named in a config file stays inside the working folder (``check_config_output_path``); the
-  files a run writes have fixed names inside ``--out``.
+* An output path named in a config file stays inside the working folder, symlinks resolved
+  (``check_config_output_path``); the files a run writes have fixed names inside ``--out``, and no output is
+  written through a symlink or into a device or FIFO (tests/test_outputs.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import transformers
 import yaml
 
 from aletheia_lora.cli import main
-from aletheia_lora.files import check_config_output_path
+from aletheia_lora.files import MANIFEST_NAME, check_config_output_path
 from aletheia_lora.models import ModelConfig, load_model_and_tokenizer
 from aletheia_lora.probe import LayerScores
 
@@ -201,4 +202,5 @@ def test_a_run_writes_only_inside_its_output_folder(tiny_checkpoint, tiny_corpus
     created = set(tmp_path.rglob("*")) - before
     out = tmp_path / "runs" / "p"
     assert created and all(p == out.parent or out in (p, *p.parents) for p in created)
-    assert {p.name for p in out.iterdir()} == {"scores.json", "selection.json", "layer_scores.png"}
+    # the three outputs, and the manifest of what this tool wrote there (what --overwrite may replace)
+    assert {p.name for p in out.iterdir()} == {"scores.json", "selection.json", "layer_scores.png", MANIFEST_NAME}

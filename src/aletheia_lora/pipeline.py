@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import numbers
+import os
 import platform
 import statistics
 from dataclasses import asdict, dataclass, field, replace
@@ -11,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from aletheia_lora.checks import validate_selected_layers
 from aletheia_lora.config import LoraSettings
 from aletheia_lora.cost import Calibration, CostModel
 from aletheia_lora.data import DataConfig, build_datasets, check_max_length
@@ -22,7 +26,13 @@ from aletheia_lora.distributed import (
     launched_job,
     on_main_process,
 )
-from aletheia_lora.files import prepare_output_dir, write_json
+from aletheia_lora.files import (
+    check_checkpoint_files,
+    last_complete_checkpoint,
+    prepare_output_dir,
+    update_manifest,
+    write_json,
+)
 from aletheia_lora.layers import DecoderStack, find_decoder_stack
 from aletheia_lora.models import ModelConfig
 from aletheia_lora.plan import choose_layers, lora_config_for, selection_cost
@@ -125,9 +135,21 @@ def _write_probe_outputs(scores: LayerScores, selection: Selection, out_dir: Pat
     )
 
 
-def prepare_run_dir(out_dir: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
+PROBE_OUTPUTS = ("scores.json", "selection.json", "layer_scores.png")
+
+
+def run_outputs(config: RunConfig, *, probing: bool = True) -> list[str]:
+    """What a training run writes in its output folder (``/``: a folder of the tool's files)."""
+    writes = ["run_config.json", "selection.json", "metrics.json", "loss_curve.png", "adapter/", "checkpoints/"]
+    writes += ["scores.json", "layer_scores.png"] if probing else []
+    return writes + (["reprobe.json", "reprobe.png"] if config.train.reprobe_every else [])
+
+
+def prepare_run_dir(
+    out_dir: str | Path, *, overwrite: bool = False, resume: bool = False, writes: tuple | list = ()
+) -> Path:
     """:func:`prepare_output_dir` on rank 0 only; the other ranks wait, then get its path or raise its error."""
-    return on_main_process(prepare_output_dir, out_dir, overwrite=overwrite, resume=resume)
+    return on_main_process(prepare_output_dir, out_dir, overwrite=overwrite, resume=resume, writes=writes)
 
 
 def run_probe(config: RunConfig, out_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> dict:
@@ -137,16 +159,18 @@ def run_probe(config: RunConfig, out_dir: str | Path, *, overwrite: bool = False
     Returns :func:`probe_and_select`'s ``{"scores", "selection", "cost"}``; ``selection`` is a :class:`Selection`.
     """
     with launched_job(config.model.dist_timeout):
-        out = prepare_run_dir(out_dir, overwrite=overwrite)
+        out = prepare_run_dir(out_dir, overwrite=overwrite, writes=PROBE_OUTPUTS)
         model, tokenizer = fail_together(config.model.load)
         stack = find_decoder_stack(model)
         check_max_length(config.data.max_length, model)
         data = replace(config.data, general_data=None)
         train_rows = fail_together(lambda: build_datasets(data, tokenizer)[0])
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return probe_and_select(
+        result = probe_and_select(
             model, train_rows, config, out, progress=progress, pad_token_id=pad_token_id, stack=stack
         )
+        on_main_process(update_manifest, out, complete=True)
+        return result
 
 
 def _eval_all(model, eval_rows, general_rows, batch_size: int, pad_token_id: int) -> dict:
@@ -175,10 +199,13 @@ def run_pipeline(
         out_dir: Output folder: scores.json, selection.json, layer_scores.png, adapter/, checkpoints/,
             metrics.json, loss_curve.png, run_config.json. Refused if it exists, unless ``overwrite``/``resume``.
         evaluate: Measure target-domain and general-corpus loss before and after training.
-        overwrite: Write into an existing folder (only this run's files are replaced; nothing is deleted).
-        resume: Continue training from the last checkpoint in ``out_dir/checkpoints``.
-        layers: Train these layers and skip the probe.
-        scores_file: Select from these saved scores instead of probing.
+        overwrite: Write into an existing folder: only this tool's files are replaced, and a file it did not
+            write where the run writes is refused (:func:`~aletheia_lora.files.prepare_output_dir`).
+        resume: Continue training from the last checkpoint in ``out_dir/checkpoints``; refused when the
+            checkpoint is damaged or the run's settings differ from those in ``run_config.json`` (except
+            ``_MAY_CHANGE_ON_RESUME``, e.g. ``--max-steps``) or from the checkpoint's adapters.
+        layers: Train these layers and skip the probe (not with ``scores_file``).
+        scores_file: Select from these saved scores instead of probing; they must come from this model.
 
     Returns:
         The report written to metrics.json (the same on every rank).
@@ -192,16 +219,140 @@ def run_pipeline(
         return _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_file)
 
 
+def _check_request(config: RunConfig, layers: list[int] | None, scores_file: str | Path | None) -> LayerScores | None:
+    """Refuse conflicting or wrong inputs before anything is loaded or written; the scores file, read."""
+    if layers is not None and scores_file is not None:
+        raise ValueError("give --layers or --scores, not both")
+    if layers is not None:
+        validate_selected_layers(layers)
+        if config.lora.rank_allocation == "scores":
+            raise ValueError(
+                "--rank-allocation scores needs probe scores: drop --layers (the probe then scores the layers), "
+                "or give --scores FILE in its place"
+            )
+    if config.train.reprobe_every:
+        if config.lora.rank_allocation == "scores":
+            raise ValueError(
+                "--reprobe-every does not combine with --rank-allocation scores: ranks are fixed when the adapters "
+                "are built, and re-probing moves training between blocks"
+            )
+        if is_distributed():
+            raise ValueError(
+                f"--reprobe-every runs in one process, not {dist.get_world_size()}: DDP and FSDP fix which "
+                "parameters train when they wrap the model"
+            )
+    # rank 0 reads the file and hands it to all: every rank selects from the same scores
+    return None if scores_file is None else on_main_process(LayerScores.from_json, scores_file)
+
+
+def _check_scores_model(scores: LayerScores, scores_file: str | Path, stack: DecoderStack) -> None:
+    if len(scores) != stack.num_layers:
+        raise ValueError(f"--scores {str(scores_file)!r} has {len(scores)} layers, the model {stack.num_layers}")
+    probed = (scores.meta.get("model_type", stack.model_type), scores.meta.get("num_layers", stack.num_layers))
+    if probed != (stack.model_type, stack.num_layers):
+        raise ValueError(
+            f"--scores {str(scores_file)!r} was probed on a {probed[0]} model of {probed[1]} layers, this run's "
+            f"--model is a {stack.model_type} of {stack.num_layers} layers: give scores probed on this model, or "
+            "drop --scores to probe it"
+        )
+
+
+# Settings a resumed run may change (they do not change what the checkpoint's adapters become); every other one
+# must be the run's, as run_config.json records it.
+_MAY_CHANGE_ON_RESUME = {
+    ("train", "max_steps"),
+    ("train", "save_steps"),
+    ("train", "save_total_limit"),
+    ("train", "logging_steps"),
+    ("train", "eval_steps"),
+    ("train", "progress"),
+    ("model", "device"),
+    ("model", "dist_timeout"),
+    ("data", "general_data"),
+}
+
+
+def _same(before, now) -> bool:
+    if isinstance(before, (list, tuple)) and isinstance(now, (list, tuple)):
+        return len(before) == len(now) and all(map(_same, before, now))
+    if isinstance(before, numbers.Real) and isinstance(now, numbers.Real) and not isinstance(before, bool):
+        return not isinstance(now, bool) and float(before) == float(now)
+    if isinstance(before, str) and isinstance(now, str) and before != now:
+        try:  # one file named two ways (relative, absolute) is the same setting
+            return os.path.samefile(before, now)
+        except OSError:
+            return False
+    return before == now
+
+
+def _check_resumed_run(out: Path, config: RunConfig, layers: list[int] | None) -> None:
+    """``--resume``, before the model loads: a readable checkpoint of the same ``--layers``, and the settings of
+    the run that wrote it (run_config.json). The checkpoint's adapters are compared in full by ``train_lora``."""
+    checkpoint = last_complete_checkpoint(out / "checkpoints")
+    if checkpoint is None:
+        raise ValueError(f"--resume: no checkpoint found in {str(out / 'checkpoints')!r}")
+    check_checkpoint_files(checkpoint)
+    adapter_config = checkpoint / "adapter_config.json"
+    if layers is not None and not config.train.reprobe_every and adapter_config.is_file():
+        saved = json.loads(adapter_config.read_text(encoding="utf-8"))
+        trained = saved.get("layers_to_transform") if isinstance(saved, dict) else None
+        trained = [trained] if isinstance(trained, int) else trained
+        if isinstance(trained, list) and all(type(v) is int for v in trained) and sorted(trained) != sorted(layers):
+            shown = _shown(sorted(trained)), _shown(sorted(layers))
+            raise ValueError(
+                f"--resume: {checkpoint} was trained with --layers {shown[0]}, this run has --layers {shown[1]}; "
+                "resume with the checkpoint's settings, or start again with --overwrite"
+            )
+    path = out / "run_config.json"
+    if not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"--resume: cannot read {str(path)!r}: {exc}; move it away to resume without it") from None
+    for group, values in _run_settings(config).items():
+        old = before.get(group) if isinstance(before, dict) else None
+        for name, value in values.items():
+            if not isinstance(old, dict) or name not in old or _same(old[name], value):
+                continue
+            if (group, name) in _MAY_CHANGE_ON_RESUME:
+                logger.info("resuming with --%s %s (the run had %s)", name.replace("_", "-"), value, old[name])
+                continue
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"--resume: the run in {str(out)!r} was started with {flag} {_shown(old[name])}, this run has "
+                f"{flag} {_shown(value)}; resume with the run's settings, or start again with --overwrite"
+            )
+
+
+def _shown(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(_shown, value))
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _run_settings(config: RunConfig) -> dict:
+    return {k: asdict(v) for k, v in vars(config).items()}
+
+
 def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_file) -> dict:
-    out = prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
+    given_scores = _check_request(config, layers, scores_file)
+    writes = run_outputs(config, probing=layers is None and scores_file is None)
+    if resume:  # before the folder is touched: a refused resume leaves it as it was
+        on_main_process(_check_resumed_run, Path(out_dir).expanduser(), config, layers)
+    out = prepare_run_dir(out_dir, overwrite=overwrite, resume=resume, writes=writes)
     torch.manual_seed(config.train.seed)
-    on_main_process(write_json, out / "run_config.json", {k: asdict(v) for k, v in vars(config).items()})
+    on_main_process(write_json, out / "run_config.json", _run_settings(config))
     progress = config.train.progress and is_main_process()
 
     model, tokenizer = fail_together(config.model.load)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stack = find_decoder_stack(model)
     check_max_length(config.data.max_length, model)
+    if layers is not None:
+        validate_selected_layers(layers, stack.num_layers)
+    if given_scores is not None:
+        _check_scores_model(given_scores, scores_file, stack)
     train_rows, eval_rows, general_rows = fail_together(build_datasets, config.data, tokenizer)
     logger.info(
         "data: %d training rows, %d eval rows, %s general rows of up to %d tokens",
@@ -224,17 +375,15 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
 
     scores, cost = None, None
     if layers is not None:
-        if config.lora.rank_allocation == "scores":
-            raise ValueError("--rank-allocation scores needs probe scores: drop --layers, or give --scores")
         selection = Selection.given(layers)
         on_main_process(write_json, out / "selection.json", selection.to_dict())
-    elif scores_file is not None:
-        # rank 0 reads the file and hands the selection to all: every rank trains the same layers
+    elif given_scores is not None:
+        # rank 0 selects and hands the selection to all: every rank trains the same layers
         cost = _cost(model, train_rows, config, pad_token_id, stack)
-        selection = on_main_process(_select_from_file, scores_file, model, stack, config, cost)
+        selection = on_main_process(_select_from_scores, given_scores, model, stack, config, cost)
         on_main_process(write_json, out / "selection.json", selection.to_dict())
         if config.lora.rank_allocation == "scores":
-            scores = LayerScores.from_json(scores_file)
+            scores = given_scores
     else:
         probed = probe_and_select(
             model, train_rows, config, out, progress=progress, pad_token_id=pad_token_id, stack=stack
@@ -246,16 +395,6 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
 
     callbacks = []
     if config.train.reprobe_every:
-        if config.lora.rank_allocation == "scores":
-            raise ValueError(
-                "--reprobe-every does not combine with --rank-allocation scores: ranks are fixed when the adapters "
-                "are built, and re-probing moves training between blocks"
-            )
-        if is_distributed():
-            raise ValueError(
-                f"--reprobe-every runs in one process, not {dist.get_world_size()}: DDP and FSDP fix which "
-                "parameters train when they wrap the model"
-            )
         # adapters on every block; the callback trains the selected ones and moves them at each re-probe
         lora_config, _ = lora_config_for(model, selected, config.lora, every_block=True, stack=stack)
         if cost is None:  # --layers: no selection was costed yet
@@ -296,7 +435,7 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
             report["reprobe"]["layers_ever_trained"],
         )
     steps = result.step_times[1:] or result.step_times  # the first step pays one-off warm-up costs
-    median_step = statistics.median(steps) if steps else float("nan")
+    median_step = statistics.median(steps) if steps else None  # no step run (resumed at max_steps)
     # every rank trains on its own batches: a step covers this many tokens over all of them
     tokens_per_step = (
         config.train.batch_size * config.train.gradient_accumulation_steps * config.data.max_length * result.processes
@@ -325,10 +464,7 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
     return on_main_process(_write_report, report, out, f"{stack.model_type}: LoRA on {len(selected)} layers")
 
 
-def _select_from_file(scores_file, model, stack: DecoderStack, config: RunConfig, cost) -> Selection:
-    scores = LayerScores.from_json(scores_file)
-    if len(scores) != stack.num_layers:
-        raise ValueError(f"--scores {str(scores_file)!r} has {len(scores)} layers, the model {stack.num_layers}")
+def _select_from_scores(scores: LayerScores, model, stack: DecoderStack, config: RunConfig, cost) -> Selection:
     _, selection, _ = choose_layers(
         model, None, select=config.select, **_shape(config), scores=scores, cost=cost, stack=stack
     )
@@ -342,6 +478,7 @@ def _write_report(report: dict, out: Path, title: str) -> dict:
         title = f"Blocks trained, re-probed every {every} steps"
         plot_reprobe_history(report["reprobe"]["history"], report["num_layers"], out / "reprobe.png", title=title)
     write_json(out / "metrics.json", report)
+    update_manifest(out, complete=True)
     return report
 
 
@@ -363,9 +500,10 @@ def summary_table(report: dict) -> str:
             f"{reprobe['seconds']:.0f} s; last selection {reprobe['history'][-1]['layers']}"
         )
     train = report["train"]
+    per_step = f"{train['median_step_seconds']:.2f} s/step" if train["median_step_seconds"] is not None else "no step"
     lines.append(
         f"training        {train['steps']} steps in {train['seconds']:.0f} s "
-        f"({train['median_step_seconds']:.2f} s/step), backward reached {train['lowest_layer_reached']}"
+        f"({per_step}), backward reached {train['lowest_layer_reached']}"
     )
     if "eval_before" in report and "eval_after" in report:
         for part in ("target", "general"):

@@ -5,14 +5,18 @@ selective LoRA's speed comes from. Two common set-ups silently throw it away by 
 output require grad: ``enable_input_require_grads()`` (PEFT's k-bit preparation, transformers'
 checkpointing) and reentrant gradient checkpointing. Here checkpointing is always non-reentrant, every
 input-require-grads hook is removed, and a monitor records how deep each backward pass really went.
+Training that diverges stops at once (:class:`TrainingDiverged`); ``--resume`` is checked (:func:`check_resume`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import numbers
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -33,7 +37,15 @@ from aletheia_lora.distributed import (
     is_sharded_model,
     on_main_process,
 )
-from aletheia_lora.files import atomic_dir, last_complete_checkpoint
+from aletheia_lora.files import (
+    atomic_dir,
+    check_checkpoint_files,
+    claim_outputs,
+    last_complete_checkpoint,
+    read_manifest,
+    rotate_checkpoints,
+    update_manifest,
+)
 from aletheia_lora.layers import DecoderStack, resolve_stack, unwrap_model
 from aletheia_lora.probe import is_probing
 from aletheia_lora.reprobe import ReprobeCallback
@@ -302,10 +314,151 @@ class TrainResult:
     wrapped: nn.Module | None = None  # the model as the Trainer wrapped it (DDP, FSDP); FSDP1 runs only through it
 
 
-def _atomic_save_adapter(model: PeftModel, target: Path) -> None:
-    # A crash mid-save keeps the previous adapter and leaves no half-written folder.
+class TrainingDiverged(ValueError):
+    """Training produced a non-finite loss, gradient norm or adapter weight: it stopped, and saved no adapter."""
+
+
+def _diverged(step: int, what: str, value: object, config: TrainConfig) -> TrainingDiverged:
+    clip = f"lower --max-grad-norm (now {config.max_grad_norm:g})" if config.max_grad_norm else "set --max-grad-norm 1"
+    return TrainingDiverged(
+        f"training diverged at step {step}: {what} is {value}; stopped, no adapter saved. Lower --learning-rate "
+        f"(now {config.learning_rate:g}), {clip}, or check the data"
+    )
+
+
+def _finite_weights(model: nn.Module) -> bool:
+    # at save steps and at the end only: a sync per tensor is nothing beside a save (and tensors may sit on
+    # several devices, so they are not stacked)
+    return all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters() if p.requires_grad)
+
+
+_LOGGED = {"loss": "the loss", "grad_norm": "the gradient norm", "eval_loss": "the evaluation loss"}
+
+
+def _guarded_trainer(config: TrainConfig, output_dir: Path) -> tuple[type, object]:
+    """A Trainer stopping at a non-finite loss; a callback stopping at a non-finite logged value or weight before a
+    checkpoint, listing each checkpoint in the manifest before it is written, rotating only the listed ones."""
+    from transformers import Trainer, TrainerCallback
+
+    class GuardedTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            # One host sync per micro-batch, in place of the Trainer's NaN filter (switched off: it hides NaNs).
+            if not bool(torch.isfinite(loss).all()):
+                raise _diverged(self.state.global_step + 1, "the loss", float(loss.float().mean()), config)
+            return loss
+
+    class Guard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key, value in (logs or {}).items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise _diverged(state.global_step, _LOGGED.get(key, key), value, config)
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if not control.should_save:
+                return
+            if model is not None and not _finite_weights(model):
+                raise _diverged(state.global_step, "an adapter weight", "not finite (the gradient overflowed)", config)
+            if state.is_world_process_zero:  # listed before the Trainer writes it: a kill mid-save leaves it ours
+                update_manifest(output_dir, claim=[f"checkpoints/checkpoint-{state.global_step}"])
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                rotate_checkpoints(output_dir, config.save_total_limit)
+
+    return GuardedTrainer, Guard()
+
+
+# What a resumed run's adapters must share with the checkpoint's: LoraConfig fields, by the flag that sets them.
+_RESUMED = ("layers_to_transform", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
+_RESUMED += ("target_parameters", "lora_dropout", "use_rslora", "use_dora")
+_FLAGS = {"layers_to_transform": "--layers", "rank_pattern": "--attention-r/--mlp-r/--rank-allocation"}
+_FLAGS |= {"alpha_pattern": "--attention-alpha/--mlp-alpha", "target_parameters": "--target-experts"}
+
+
+def _shown(value: object) -> str:
+    """A LoraConfig value as text, the same for the config and its JSON (sets, lists in any order, 8 and 8.0)."""
+    if isinstance(value, (set, frozenset, list, tuple)):
+        items = sorted(map(_shown, value))
+        return " ".join(sorted(items, key=int) if all(v.isdigit() for v in items) else items) or "None"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_shown(v)}" for k, v in sorted(value.items())) or "None"
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def check_resume(checkpoint: str | os.PathLike, lora_config: LoraConfig, model: nn.Module | None = None) -> None:
+    """Check, changing nothing, that a run with ``lora_config`` (and with ``model``, its PeftModel, whose adapter
+    tensors are compared shape by shape) may resume from the ``checkpoint-N`` folder ``checkpoint``.
+
+    Raises:
+        ValueError: a damaged file (named), or adapters that differ: the flag, the checkpoint's value and the run's.
+    """
+    checkpoint = Path(checkpoint)
+    check_checkpoint_files(checkpoint)
+    redo = "resume with the checkpoint's settings, or start again with --overwrite"
+    saved_config = checkpoint / "adapter_config.json"
+    saved = json.loads(saved_config.read_text(encoding="utf-8")) if saved_config.is_file() else {}
+    new = lora_config.to_dict()
+    for key in _RESUMED:
+        before, now, flag = _shown(saved.get(key)), _shown(new.get(key)), _FLAGS.get(key, "--" + key.replace("_", "-"))
+        if key in saved and before != now:
+            raise ValueError(
+                f"--resume: {checkpoint} was trained with {flag} {before}, this run has {flag} {now}; {redo}"
+            )
+    weights = checkpoint / "adapter_model.safetensors"
+    if model is not None and weights.is_file():
+        from peft import get_peft_model_state_dict
+        from safetensors import safe_open
+
+        expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+        with safe_open(str(weights), framework="pt") as handle:
+            found = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+        if differ:
+            raise ValueError(
+                f"--resume: the adapter in {weights} does not fit this run's: {len(differ)} tensors differ, e.g. "
+                f"{differ[0]} ({found.get(differ[0], 'missing')} there, {expected.get(differ[0], 'missing')} "
+                f"here); {redo}"
+            )
+
+
+def _atomic_save_adapter(model: PeftModel | None, target: Path, staged: Path | None = None) -> None:
+    # A crash mid-save keeps the previous adapter and leaves no half-written folder. In an output folder with a
+    # manifest the old folder, replaced whole, may hold only this tool's files (checked before training and again
+    # here: else the adapter goes beside it), and the new files are listed before they are renamed in.
+    claim = read_manifest(target.parent).found
+    if claim:
+        try:
+            claim_outputs(target.parent, [f"{target.name}/"])
+        except ValueError as exc:
+            fallback = Path(tempfile.mkdtemp(prefix=f"{target.name}-saved-", dir=target.parent))
+            update_manifest(target.parent, claim=[fallback.name])
+            _fill_adapter(model, fallback, staged)
+            raise ValueError(f"{exc}; the trained adapter was saved to {str(fallback)!r} instead") from None
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp)
+        _fill_adapter(model, tmp, staged)
+        if claim:
+            update_manifest(target.parent, claim=[f"{target.name}/{p.name}" for p in tmp.iterdir()])
+
+
+def _save_staged_adapter(staged: Path, target: Path) -> None:
+    _atomic_save_adapter(None, target, staged)
+
+
+def _fill_adapter(model: PeftModel | None, folder: Path, staged: Path | None) -> None:
+    if staged is None:
+        model.save_pretrained(folder)
+        return
+    for item in staged.iterdir():
+        os.replace(item, folder / item.name)
+    staged.rmdir()
+
+
+def _claim_training_outputs(output_dir: Path, resume: bool) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    claim_outputs(output_dir, ["checkpoints/", "adapter/"], adopt=resume)
+    if not resume:
+        rotate_checkpoints(output_dir, 0)
 
 
 def train_lora(
@@ -343,8 +496,14 @@ def train_lora(
 
     Returns:
         A :class:`TrainResult`; ``adapter_dir`` loads with ``PeftModel.from_pretrained``.
+
+    Raises:
+        TrainingDiverged: a non-finite loss, gradient norm or weight (a ``ValueError``); no adapter is saved.
+        ValueError: :func:`check_resume`; files this tool did not write in ``checkpoints/`` or ``adapter/``.
+
+    Only checkpoints listed in ``output_dir``'s manifest are rotated, and without ``resume`` removed first.
     """
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+    from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
     config = config or TrainConfig()
     if len(train_dataset) == 0:
@@ -360,11 +519,15 @@ def train_lora(
         resume_from = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
         if resume_from is None:
             raise ValueError(f"--resume: no checkpoint found in {str(checkpoints)!r}")
+        check_resume(resume_from, lora_config)
         logger.info("resuming from %s", resume_from)
-        resume_from = str(resume_from)
+    on_main_process(_claim_training_outputs, output_dir, resume)
 
     torch.manual_seed(config.seed)
     peft_model = prepare_lora_model(model, lora_config, gradient_checkpointing=config.gradient_checkpointing)
+    if resume_from is not None:
+        check_resume(resume_from, lora_config, peft_model)
+        resume_from = str(resume_from)
     step_times: list[float] = []
 
     class _Recorder(TrainerCallback):
@@ -397,7 +560,8 @@ def train_lora(
         eval_steps=config.eval_steps or None,
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or config.max_steps,
-        save_total_limit=config.save_total_limit,
+        save_total_limit=None,  # rotated by the guard callback: only this tool's checkpoints
+        logging_nan_inf_filter=False,  # a NaN loss stops training; the filter would hide it
         bf16=config.bf16,
         seed=config.seed,
         data_seed=config.seed,
@@ -410,13 +574,14 @@ def train_lora(
         ddp_timeout=dist_timeout,
     )
     # Checkpointing is left off in the Trainer's arguments: its own set-up would add an input-grad hook.
-    trainer = Trainer(
+    trainer_cls, guard = _guarded_trainer(config, output_dir)
+    trainer = trainer_cls(
         model=peft_model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=partial(pad_collate, pad_token_id=pad_token_id),
-        callbacks=[_Recorder(), *callbacks],
+        callbacks=[guard, _Recorder(), *callbacks],
     )
     # Progress and losses reach the user through the progress bar and logging, not print().
     trainer.remove_callback(PrinterCallback)
@@ -443,11 +608,16 @@ def train_lora(
     # counted after training: a re-probing run trains a subset of its adapters at a time
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     adapter_dir = output_dir / "adapter"
+    if not _finite_weights(peft_model):
+        raise _diverged(trainer.state.global_step, "an adapter weight", "not finite (the gradient overflowed)", config)
     if getattr(trainer, "is_fsdp_enabled", False):
         # The weights are sharded: every rank takes part in gathering the adapter (with FSDP's
-        # FULL_STATE_DICT it is whole), and the Trainer writes it on rank 0.
-        trainer.save_model(str(adapter_dir))
+        # FULL_STATE_DICT it is whole), and the Trainer writes it on rank 0, into a staging folder first.
+        staging = output_dir / ".adapter.tmp-fsdp"  # a temporary name of files.py: a leftover is the tool's
+        on_main_process(shutil.rmtree, staging, ignore_errors=True)
+        trainer.save_model(str(staging))
         barrier()
+        on_main_process(_save_staged_adapter, staging, adapter_dir)
     else:
         # One rank writes the adapter for all; the others wait and learn of a failure.
         on_main_process(_atomic_save_adapter, peft_model, adapter_dir)
