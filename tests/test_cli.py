@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -144,7 +145,7 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["select", "--scores", str(tmp_path / "missing.json"), "--debug"])
 
 
-@pytest.mark.parametrize("command", ["probe", "select", "config", "train", "run"])
+@pytest.mark.parametrize("command", ["probe", "select", "config", "train", "run", "merge"])
 def test_help_of_every_subcommand(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -277,3 +278,122 @@ def test_a_field_shared_by_two_groups_may_appear_in_both_with_one_value():
         _flatten_config({"seed": 1, "b": {"seed": 1}}, {"a", "b"}, "c.json")
     # a key that names a group but holds no mapping is a setting of that name
     assert _flatten_config({"a": "x"}, {"a"}, "c.json")[0] == {"a": "x"}
+
+
+def _load_hint(printed: str):
+    """Run the load hint `config --out` printed (``peft.LoraConfig.from_pretrained('FOLDER')``) as it is."""
+    import peft
+
+    hint = re.search(r"load with (peft\.LoraConfig\.from_pretrained\(.*\))\)$", printed.strip())
+    assert hint, printed
+    return eval(hint.group(1), {"peft": peft})  # noqa: S307 - the printed hint is the thing under test
+
+
+@pytest.mark.parametrize("how", ["existing folder", "new folder/", "nested new folder/"])
+def test_config_out_naming_a_folder_writes_adapter_config_json_there(how, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = {"existing folder": "cfg", "new folder/": "cfg/", "nested new folder/": "a/b/cfg/"}[how]
+    if how == "existing folder":
+        (tmp_path / "cfg").mkdir()
+    assert main(["config", "--layers", "1", "3", "--r", "4", "--out", folder]) == 0
+    written = tmp_path / folder / "adapter_config.json"
+    assert written.is_file() and sorted(p.name for p in written.parent.iterdir()) == ["adapter_config.json"]
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"wrote {written.relative_to(tmp_path)} ")
+    config = _load_hint(printed)  # the printed hint works as printed
+    assert config.layers_to_transform == [1, 3] and config.r == 4
+
+
+def test_config_out_folder_takes_the_formats_file_name_and_a_file_path_is_kept(tmp_path, capsys):
+    import yaml
+
+    assert main(["config", "--layers", "2", "--format", "axolotl", "--out", f"{tmp_path / 'ax'}/"]) == 0
+    assert yaml.safe_load((tmp_path / "ax" / "axolotl_lora.yaml").read_text())["peft_layers_to_transform"] == [2]
+    (tmp_path / "lf").mkdir()
+    assert main(["config", "--layers", "2", "--format", "llamafactory", "--out", str(tmp_path / "lf")]) == 0
+    assert yaml.safe_load((tmp_path / "lf" / "llamafactory_lora.yaml").read_text())["finetuning_type"] == "lora"
+    assert main(["config", "--layers", "2", "--format", "json", "--out", str(tmp_path / "js")]) == 0
+    assert json.loads((tmp_path / "js").read_text())["selected_layers"] == [2]  # no slash, no folder: a file
+    capsys.readouterr()
+    assert main(["config", "--layers", "2", "--out", str(tmp_path / "sub" / "my.json")]) == 0
+    assert json.loads((tmp_path / "sub" / "my.json").read_text())["layers_to_transform"] == [2]
+    assert "give --out a folder" in capsys.readouterr().out  # from_pretrained reads adapter_config.json only
+
+
+def test_config_out_refuses_a_file_as_a_folder_and_a_trained_adapters_folder(tmp_path, capsys):
+    (tmp_path / "f").write_text("mine")
+    assert main(["config", "--layers", "2", "--out", f"{tmp_path / 'f'}/"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Not a directory" in err[0], err
+    assert (tmp_path / "f").read_text() == "mine"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    for out in (str(adapter), str(adapter / "adapter_config.json")):
+        assert main(["config", "--layers", "2", "--out", out]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds a trained adapter (adapter_model.safetensors)" in err[0], err
+    assert (adapter / "adapter_config.json").read_text() == "{}"
+
+
+def _saved_lora_adapter(checkpoint, folder):
+    """A PEFT LoRA adapter on the checkpoint with non-zero B weights (a fresh one changes nothing), saved."""
+    import torch
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(folder)
+    return peft_model.eval()
+
+
+def test_merge_writes_a_checkpoint_that_gives_the_adapted_models_logits(tiny_checkpoint, tmp_path, capsys):
+    import torch
+
+    peft_model = _saved_lora_adapter(tiny_checkpoint, tmp_path / "adapter")
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+    out = tmp_path / "merged"
+    assert main(["merge", str(tmp_path / "adapter"), "--out", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))"
+    merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no PEFT
+    assert not [name for name, _ in merged.named_parameters() if "lora" in name]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+        assert (base(ids).logits - expected).abs().max() > 1e-2  # the adapter does change the model
+    # again into the same folder: refused, then replaced with --overwrite, in another dtype
+    capsys.readouterr()  # the bars of the loads above, outside the command
+    assert main(["merge", str(tmp_path / "adapter"), "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists and is not empty" in err[0] and "--overwrite" in err[0], err
+    argv = ["merge", str(tmp_path / "adapter"), "--out", str(out), "--overwrite", "--dtype", "bfloat16"]
+    assert main([*argv, "--base-model", str(tiny_checkpoint), "-q"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["merge", "adapter"], "give --out DIR"),
+        (["merge", "missing", "--out", "m"], "adapter folder not found: missing"),
+        (["merge", "--out", "m"], "the following arguments are required: ADAPTER"),
+        (["merge", "adapter", "--out", "m", "--dtype", "int8"], "invalid choice: 'int8'"),
+        (["merge", "adapter", "--out", "m", "--base-model", "/nonexistent/model"], "/nonexistent/model"),
+    ],
+)
+def test_merge_errors_exit_2_with_one_line(argv, message, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _saved_lora_adapter(tiny_checkpoint, tmp_path / "adapter")
+    capsys.readouterr()
+    assert main([*argv, "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("aletheia-lora: error:") and message in err[0], err
+    assert not (tmp_path / "m").exists()

@@ -109,3 +109,11 @@ def test_a_field_shared_by_two_groups_is_one_flag():
     _add_dataclass(parser, Other, "other", seen)
     assert parser.format_help().count("--seed") == 2  # usage line and one option entry
     assert parser.parse_args(["--seed", "3", "--extra", "y"]).seed == 3
+
+
+def test_merge_help_names_the_adapter_and_its_flags(capsys):
+    out = " ".join(_help_of(["merge", "--help"], capsys).split())
+    assert out.startswith("usage: aletheia-lora merge") and "ADAPTER" in out
+    assert "merge a saved LoRA adapter into its base model" in out
+    for flag in ("--out DIR", "--base-model MODEL", "--dtype {float32,bfloat16,float16,auto}", "--overwrite"):
+        assert flag in out, flag

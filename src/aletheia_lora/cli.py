@@ -1,4 +1,4 @@
-"""Command line: `aletheia-lora probe|select|config|train|run|bench`, each a thin layer over a library function.
+"""Command line: `aletheia-lora probe|select|config|train|run|bench|merge`, each a thin layer over a library function.
 
 User errors (bad flags, files, folders) exit with status 2 and one line on stderr; ``--debug`` shows the
 traceback. Flags can also come from a YAML or JSON file (``--config FILE``); flags on the command line win.
@@ -10,15 +10,17 @@ import argparse
 import dataclasses
 import errno
 import logging
+import os
 import re
 import shlex
 import sys
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aletheia_lora import __version__
 from aletheia_lora.checks import shown
+from aletheia_lora.console import console_session, say, stderr_is_terminal, wants_progress
 
 if TYPE_CHECKING:  # the CLI imports the library lazily, so that --help answers fast
     from aletheia_lora.select import Selection
@@ -142,6 +144,7 @@ def _groups(command: str) -> list[tuple[str, type]]:
         "train": [model, data, probe, select, lora, train],
         "run": [model, data, probe, select, lora, train],
         "bench": [("benchmark (defaults: bench/configs/smollm2.yaml)", BenchConfig)],
+        "merge": [],
     }[command]
 
 
@@ -155,11 +158,12 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from aletheia_lora.distributed import is_main_process
     from aletheia_lora.pipeline import run_probe
 
-    result = run_probe(_run_config(args), args.out, overwrite=args.overwrite, progress=not args.quiet)
+    result = run_probe(_run_config(args), args.out, overwrite=args.overwrite, progress=args.progress)
     if is_main_process():
-        out = Path(args.out)
         _print_selection(result["selection"])
-        print(f"wrote {out / 'scores.json'}, {out / 'selection.json'} and {out / 'layer_scores.png'}")
+        files = [str(path) for path in result.get("files", [])]
+        if files:
+            print("wrote " + (f"{', '.join(files[:-1])} and {files[-1]}" if len(files) > 1 else files[0]))
     return 0
 
 
@@ -247,13 +251,51 @@ def _cmd_config(args: argparse.Namespace) -> int:
         config = aletheia_lora_config(layers, **lora)
     text = export_config(config, args.format, model)
     if args.out:
-        _make_parent(args.out)
-        write_text(args.out, text)
-        loader = {"peft": " (load with peft.LoraConfig.from_pretrained on its folder)"}.get(args.format, "")
-        print(f"wrote {args.out}{loader}")
+        path = _config_file(args.out, args.format)
+        write_text(path, text)
+        print(f"wrote {path}{_load_hint(path, args.format)}")
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0
+
+
+# `config --out FOLDER` writes this file in the folder, by --format
+CONFIG_FILE_NAMES = {
+    "peft": "adapter_config.json",
+    "axolotl": "axolotl_lora.yaml",
+    "llamafactory": "llamafactory_lora.yaml",
+    "json": "lora_selection.json",
+}
+
+
+def _config_file(out: str, fmt: str) -> Path:
+    """The file `config --out` writes: ``out`` itself, or, when ``out`` is an existing folder or ends in a path
+    separator, the format's file (:data:`CONFIG_FILE_NAMES`) in that folder, which is created if needed."""
+    path = Path(out).expanduser()
+    folder = out.endswith(("/", os.sep)) or path.is_dir()
+    if folder and path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory (--out ends in / so it names a folder)", out)
+    file = path / CONFIG_FILE_NAMES[fmt] if folder else path
+    weights = [name for name in ("adapter_model.safetensors", "adapter_model.bin") if (file.parent / name).exists()]
+    if file.name == "adapter_config.json" and weights:  # a new config beside trained weights changes how they load
+        raise ValueError(
+            f"--out {shown(out)}: {file.parent} holds a trained adapter ({weights[0]}); writing adapter_config.json "
+            "there would change how it loads: give another folder"
+        )
+    if folder:
+        path.mkdir(parents=True, exist_ok=True)
+    else:
+        _make_parent(str(path))
+    return file
+
+
+def _load_hint(path: Path, fmt: str) -> str:
+    """How to use the file written, as something that can be run as it is."""
+    if fmt != "peft":
+        return ""
+    if path.name != "adapter_config.json":
+        return " (peft.LoraConfig.from_pretrained reads a folder's adapter_config.json: give --out a folder)"
+    return f" (load with peft.LoraConfig.from_pretrained({str(path.parent)!r}))"
 
 
 def _cmd_train(args: argparse.Namespace, evaluate: bool = False) -> int:
@@ -263,8 +305,6 @@ def _cmd_train(args: argparse.Namespace, evaluate: bool = False) -> int:
     config = _run_config(args)
     if args.layers is not None and config.lora.rank_allocation == "scores":  # answered before loading the model
         raise ValueError("--rank-allocation scores needs probe scores: drop --layers (the probe or --scores selects)")
-    if args.quiet:
-        config.train.progress = False
     report = run_pipeline(
         config,
         args.out,
@@ -275,11 +315,10 @@ def _cmd_train(args: argparse.Namespace, evaluate: bool = False) -> int:
         scores_file=args.scores,
     )
     if is_main_process():
-        plots = "loss_curve.png" if args.layers else "layer_scores.png, loss_curve.png"
-        plots += ", reprobe.png" if "reprobe" in report else ""
         print()
-        print(summary_table(report))
-        print(f"\nreport: {Path(args.out) / 'metrics.json'} (plots: {plots})")
+        print(summary_table(report))  # its last lines name the adapter and the files written
+        out = Path(args.out)
+        print(f"\nreport: {' and '.join(str(out / n) for n in ('report.md', 'metrics.json') if (out / n).is_file())}")
     return 0
 
 
@@ -287,8 +326,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from aletheia_lora.bench import headline_table, render_outputs, run_bench
 
     config = _build(_groups("bench")[0][1], args)
-    if args.quiet:
-        config.progress = False
     if args.render_only:
         written = render_outputs(args.out, config.name, docs=args.docs)
     else:
@@ -301,6 +338,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         written = [Path(args.out) / f"train_{config.name}.json", *rendered]
     for path in written:
         print(f"wrote {path}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from aletheia_lora.merge import merge_adapter
+
+    if not args.out:
+        raise ValueError("give --out DIR: the folder to write the merged checkpoint to")
+    options = {name: getattr(args, name) for name in ("base_model", "dtype", "overwrite", "trust_remote_code")}
+    out = merge_adapter(args.adapter, args.out, **options)
+    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 
 
@@ -390,6 +438,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "train": "probe, select and LoRA fine-tune; save an adapter that loads with PeftModel.from_pretrained",
         "run": "train, plus evaluation before/after (target loss, general-corpus loss) and a report",
         "bench": "train LoRA on all layers and on layer selections round-robin: speed, quality, time to quality",
+        "merge": "merge a saved LoRA adapter into its base model and write the full checkpoint",
     }
     parsers = {}
     for name, help_text in helps.items():
@@ -397,6 +446,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         seen: set[str] = set()
         for title, cls in _groups(name):
             _add_dataclass(sub, cls, title, seen)
+        if name == "probe":  # train, run and bench have it among their settings (TrainConfig.progress)
+            sub.add_argument(
+                "--progress",
+                action=argparse.BooleanOptionalAction,
+                default=True,
+                help="progress bars (default: on when stderr is a terminal; off with -q)",
+            )
         if name in ("probe", "train", "run"):
             sub.add_argument("--out", default=f"runs/{name}", help="output folder (default: %(default)s)")
             sub.add_argument("--overwrite", action="store_true", help="write into an existing output folder")
@@ -412,7 +468,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         if name == "config":
             sub.add_argument("--model", help="take module names and layer pattern from this model (else Llama names)")
             sub.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with --model")
-            sub.add_argument("--out", help="write the config here (default: stdout)")
+            sub.add_argument(
+                "--out",
+                help="write the config to this file, or into this folder (an existing one, or a path ending in /) as "
+                + ", ".join(f"{name} ({fmt})" for fmt, name in CONFIG_FILE_NAMES.items())
+                + " (default: stdout)",
+            )
             sub.add_argument(
                 "--format",
                 default="peft",
@@ -424,6 +485,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             sub.add_argument("--out", default="bench/results", help="folder of train_NAME.* (default: %(default)s)")
             sub.add_argument("--docs", help="also write the benchmark page here, e.g. docs/BENCHMARKS.md")
             sub.add_argument("--render-only", action="store_true", help="re-render tables and plots from the JSON")
+        if name == "merge":
+            sub.add_argument("adapter", metavar="ADAPTER", help="the adapter's folder (e.g. runs/run/adapter)")
+            sub.add_argument("--out", metavar="DIR", help="folder to write the merged checkpoint to (required)")
+            sub.add_argument(
+                "--base-model",
+                metavar="MODEL",
+                help="model to merge into: a folder, a Hub id or smollm2-135m (default: the adapter's)",
+            )
+            sub.add_argument(
+                "--dtype",
+                choices=["float32", "bfloat16", "float16", "auto"],
+                help="dtype of the merged checkpoint (default: the base checkpoint's)",
+            )
+            sub.add_argument("--overwrite", action="store_true", help="replace a merged checkpoint written to --out")
+            sub.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the base model")
         parsers[name] = sub
     return parser, parsers
 
@@ -507,12 +583,6 @@ def _same_setting(value: Any, default: Any) -> bool:
     return value == default and isinstance(value, bool) == isinstance(default, bool)
 
 
-def _say(line: str) -> None:
-    # One write per line: several ranks share stderr, and print() writes the newline separately.
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
 # An error line is at most this long: a message may quote what the user gave, and that may be anything.
 MAX_MESSAGE = 400
 
@@ -529,27 +599,22 @@ def _error_line(text: str, fallback: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `aletheia-lora` command."""
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING if "-q" in argv or "--quiet" in argv else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s" if debug else "aletheia-lora: %(message)s",
-    )
-    if "-q" in argv or "--quiet" in argv:
-        import transformers
+    quiet = "-q" in argv or "--quiet" in argv
+    with console_session(debug, quiet) as libraries:
+        return _main(argv, debug, libraries)
 
-        transformers.utils.logging.disable_progress_bar()
-        import datasets
 
-        datasets.disable_progress_bars()
-    if not debug:
-        # PEFT still calls a transformers alias deprecated in v5; the user can do nothing about it
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated")
-        for noisy in ("transformers", "peft", "accelerate", "datasets", "httpx", "urllib3"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+def _main(argv: list[str], debug: bool, libraries: Callable[[bool], None]) -> int:
     try:
         args = _parse(argv)
-        args.argv = list(argv)
+        args.argv = argv
+        setting, asked, terminal = getattr(args, "progress", True), "--progress" in argv, stderr_is_terminal()
+        progress = wants_progress(quiet=args.quiet, setting=setting, asked=asked, terminal=terminal)
+        if hasattr(args, "progress"):
+            args.progress = progress
+        libraries(progress)
         commands = {
             "probe": _cmd_probe,
             "select": _cmd_select,
@@ -557,21 +622,22 @@ def main(argv: list[str] | None = None) -> int:
             "train": _cmd_train,
             "run": lambda a: _cmd_train(a, evaluate=True),
             "bench": _cmd_bench,
+            "merge": _cmd_merge,
         }
         return commands[args.command](args)
     except USER_ERRORS as exc:
         if debug and not isinstance(exc, _UsageError):
             raise
-        _say(f"aletheia-lora: error: {_error_line(str(exc), type(exc).__name__)}")
+        say(f"aletheia-lora: error: {_error_line(str(exc), type(exc).__name__)}")
         return 2
     except OSError as exc:  # a full disk, a vanished folder: the user's environment, not a bug
         if debug:
             raise
         message = f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
-        _say(f"aletheia-lora: error: {_error_line(message, type(exc).__name__)}")
+        say(f"aletheia-lora: error: {_error_line(message, type(exc).__name__)}")
         return 2
     except KeyboardInterrupt:
-        _say("aletheia-lora: interrupted")
+        say("aletheia-lora: interrupted")
         return 130
 
 

@@ -283,5 +283,5 @@ def merge_adapter(
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(path) as tmp:
         _fill_checkpoint(tmp, merged, tokenizer, provenance)
-    logger.info("wrote the merged checkpoint (%s) to %s", provenance["dtype"], path)
+    logger.debug("wrote the merged checkpoint (%s) to %s", provenance["dtype"], path)
     return path
