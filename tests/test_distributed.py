@@ -168,7 +168,7 @@ def test_run_probe_in_one_process_writes_scores_selection_and_plot(tiny_checkpoi
     )
     result = run_probe(config, tmp_path / "p", progress=False)
     written = sorted(p.name for p in (tmp_path / "p").iterdir())
-    assert written == sorted([MANIFEST_NAME, "layer_scores.png", "scores.json", "selection.json"])
+    assert written == sorted([MANIFEST_NAME, "layer_scores.png", "scores.json", "selection.json", "speed_quality.png"])
     assert result["scores"].meta["world_size"] == 1 and result["scores"].meta["sharded"] is False
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         run_probe(config, tmp_path / "p", progress=False)

@@ -32,13 +32,13 @@ from aletheia_lora.files import (
     claim_outputs,
     prepare_output_dir,
     read_manifest,
-    rotate_checkpoints,
     update_manifest,
     write_json,
     write_text,
 )
 from aletheia_lora.models import ModelConfig
 from aletheia_lora.pipeline import RunConfig, run_pipeline
+from aletheia_lora.resume import rotate_checkpoints
 from aletheia_lora.train import TrainConfig, TrainingDiverged, _atomic_save_adapter, check_resume, train_lora
 from tiny_models import tiny_model, token_rows
 
@@ -191,7 +191,8 @@ def test_out_named_on_the_command_line_may_be_a_symlink_to_a_real_folder(tiny_ch
     real.mkdir()
     (tmp_path / "link").symlink_to(real)
     assert main(probe_args(tiny_checkpoint, tiny_corpus, tmp_path / "link")) == 0
-    assert {p.name for p in real.iterdir()} == {"scores.json", "selection.json", "layer_scores.png", MANIFEST_NAME}
+    written = {p.name for p in real.iterdir()}
+    assert written == {"scores.json", "selection.json", "layer_scores.png", "speed_quality.png", MANIFEST_NAME}
     assert (tmp_path / "link").is_symlink()
 
 

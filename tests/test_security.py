@@ -202,5 +202,6 @@ def test_a_run_writes_only_inside_its_output_folder(tiny_checkpoint, tiny_corpus
     created = set(tmp_path.rglob("*")) - before
     out = tmp_path / "runs" / "p"
     assert created and all(p == out.parent or out in (p, *p.parents) for p in created)
-    # the three outputs, and the manifest of what this tool wrote there (what --overwrite may replace)
-    assert {p.name for p in out.iterdir()} == {"scores.json", "selection.json", "layer_scores.png", MANIFEST_NAME}
+    # the four outputs, and the manifest of what this tool wrote there (what --overwrite may replace)
+    names = {"scores.json", "selection.json", "layer_scores.png", "speed_quality.png", MANIFEST_NAME}
+    assert {p.name for p in out.iterdir()} == names

@@ -5,7 +5,8 @@
 * Regular files only: an existing symlink, FIFO, socket or device at an output path is refused, never followed or
   replaced. Valid JSON only: :func:`write_json` refuses NaN and infinity, naming the file and the key.
 * Only its own files: an output folder's manifest (:data:`MANIFEST_NAME`) lists what this tool wrote there;
-  ``--overwrite`` replaces only that, and checkpoints are rotated only if listed (:func:`rotate_checkpoints`).
+  ``--overwrite`` replaces only that, and checkpoints are rotated only if listed
+  (:func:`~aletheia_lora.resume.rotate_checkpoints`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import re
 import shutil
 import stat
 import tempfile
-import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PurePosixPath
@@ -272,44 +272,6 @@ def last_complete_checkpoint(folder: str | os.PathLike) -> Path | None:
     return None
 
 
-def _check_checkpoint_file(file: Path) -> None:
-    if file.suffix == ".json":
-        payload = json.loads(file.read_text(encoding="utf-8"))
-        if file.name == TRAINER_STATE_NAME and not (
-            isinstance(payload, dict) and type(payload.get("global_step")) is int
-        ):
-            raise ValueError("no integer global_step in it")
-    elif file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as handle:  # the header: a truncated file fails here
-            for key in handle.keys():
-                handle.get_slice(key).get_shape()
-    elif file.suffix in (".pt", ".pth", ".bin"):
-        with zipfile.ZipFile(file) as archive:  # torch.save's format: the CRCs find a damaged byte too
-            bad = archive.testzip()
-        if bad is not None:
-            raise ValueError(f"its entry {bad} fails its checksum")
-
-
-def check_checkpoint_files(checkpoint: str | os.PathLike) -> None:
-    """Read every file a resume loads from ``checkpoint`` (state, adapter, optimizer, scheduler, RNG), unpickling
-    nothing and changing nothing; raise a ``ValueError`` naming the first damaged file and what to do."""
-    checkpoint = Path(checkpoint)
-    advice = "left as it is: move its checkpoint out of the way to resume from the one before, or use --overwrite"
-    for file in sorted(checkpoint.iterdir()):
-        kind = path_kind(file)
-        if kind == "a folder":
-            continue
-        if kind != "a file":
-            raise ValueError(f"--resume: {str(file)!r} is {kind}, not a regular file; {advice}")
-        try:
-            _check_checkpoint_file(file)
-        except Exception as exc:  # noqa: BLE001 - JSON, zip, safetensors and OS errors all mean a damaged file
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"--resume: {str(file)!r} is damaged or truncated ({reason}); {advice}") from None
-
-
 def check_config_output_path(value: Any, key: str = "out") -> str:
     """Check an output path that comes from a config file rather than from the command line.
 
@@ -522,28 +484,6 @@ def owned_checkpoints(folder: str | os.PathLike) -> list[Path]:
         if match and path_kind(folder / name) == "a folder":
             found.append((int(match.group(1)), folder / name))
     return [path for _, path in sorted(found)]
-
-
-def rotate_checkpoints(folder: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete this tool's checkpoints in ``folder/checkpoints`` but the newest ``keep`` (0: all of them).
-
-    The HF Trainer's own rotation deletes every ``checkpoint-*`` folder it finds, whoever wrote it; this one
-    deletes only checkpoints the manifest lists, and forgets the listed ones that are gone.
-
-    Returns:
-        The checkpoint folders deleted.
-    """
-    folder = Path(folder)
-    owned = owned_checkpoints(folder)
-    doomed = owned[: max(len(owned) - keep, 0)]
-    for path in doomed:
-        logger.info("removing checkpoint %s", path)
-        shutil.rmtree(path)
-    listed = {n for n in read_manifest(folder).entries if n.startswith("checkpoints/")}
-    gone = {n for n in listed if path_kind(folder / n) is None} | {f"checkpoints/{p.name}" for p in doomed}
-    if gone:
-        update_manifest(folder, forget=gone)
-    return doomed
 
 
 def _unowned(folder: Path, manifest: OutputManifest) -> list[str]:

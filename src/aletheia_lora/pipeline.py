@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import numbers
-import os
 import platform
+import shlex
 import statistics
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,7 +15,14 @@ import torch.distributed as dist
 from aletheia_lora.checks import validate_selected_layers
 from aletheia_lora.config import LoraSettings
 from aletheia_lora.cost import Calibration, CostModel
-from aletheia_lora.data import DataConfig, build_datasets, check_max_length
+from aletheia_lora.data import (
+    DataConfig,
+    build_datasets,
+    check_max_length,
+    detect_format,
+    is_bundled_corpus,
+    read_records,
+)
 from aletheia_lora.distributed import (
     fail_together,
     fsdp1_units,
@@ -26,23 +31,34 @@ from aletheia_lora.distributed import (
     launched_job,
     on_main_process,
 )
-from aletheia_lora.files import (
-    check_checkpoint_files,
-    last_complete_checkpoint,
-    prepare_output_dir,
-    update_manifest,
-    write_json,
-)
+from aletheia_lora.evaluation import evaluate_loss
+from aletheia_lora.files import prepare_output_dir, update_manifest, write_json
 from aletheia_lora.layers import DecoderStack, find_decoder_stack
 from aletheia_lora.models import ModelConfig
 from aletheia_lora.plan import choose_layers, lora_config_for, selection_cost
-from aletheia_lora.plots import plot_layer_scores, plot_loss_curves, plot_reprobe_history
+from aletheia_lora.plots import plot_layer_scores, plot_speed_quality
 from aletheia_lora.probe import LayerScores, ProbeConfig
+from aletheia_lora.report import REPORT_NAME, summary_table, write_report
 from aletheia_lora.reprobe import ReprobeCallback
+from aletheia_lora.resume import check_resumed_run, run_settings
 from aletheia_lora.select import SelectConfig, Selection
-from aletheia_lora.train import EMBEDDINGS, TrainConfig, evaluate_loss, train_lora
+from aletheia_lora.train import EMBEDDINGS, TrainConfig, train_lora
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PROBE_OUTPUTS",
+    "RunConfig",
+    "describe_data",
+    "equivalent_command",
+    "prepare_run_dir",
+    "probe_and_select",
+    "run_outputs",
+    "run_pipeline",
+    "run_probe",
+    "summary_table",  # from aletheia_lora.report, where it moved
+    "versions",
+]
 
 
 @dataclass
@@ -125,23 +141,35 @@ def probe_and_select(
 
 def _write_probe_outputs(scores: LayerScores, selection: Selection, out_dir: Path) -> None:
     scores.to_json(out_dir / "scores.json")
-    write_json(out_dir / "selection.json", selection.to_dict())
+    model_type = scores.meta.get("model_type", "")
     plot_layer_scores(
         scores,
         list(selection.layers),
         out_dir / "layer_scores.png",
         metric=scores.meta.get("metric", "grad_norm"),
-        title=f"{scores.meta.get('model_type', '')}: probe scores, {selection.strategy} selection",
+        title=f"{model_type}: probe scores, {selection.strategy} selection",
     )
+    _write_selection(selection, out_dir, model_type)
 
 
-PROBE_OUTPUTS = ("scores.json", "selection.json", "layer_scores.png")
+def _write_selection(selection: Selection, out_dir: Path, model_type: str) -> None:
+    """selection.json, and the strategies' predicted speed vs captured score, the chosen one marked."""
+    write_json(out_dir / "selection.json", selection.to_dict())
+    if selection.strategy != "given":
+        title = f"{model_type}: predicted speed vs probe score captured" if model_type else None
+        plot_speed_quality(selection, out_dir / "speed_quality.png", **({"title": title} if title else {}))
 
 
-def run_outputs(config: RunConfig, *, probing: bool = True) -> list[str]:
-    """What a training run writes in its output folder (``/``: a folder of the tool's files)."""
-    writes = ["run_config.json", "selection.json", "metrics.json", "loss_curve.png", "adapter/", "checkpoints/"]
+PROBE_OUTPUTS = ("scores.json", "selection.json", "layer_scores.png", "speed_quality.png")
+
+
+def run_outputs(config: RunConfig, *, probing: bool = True, from_scores: bool = False) -> list[str]:
+    """What a training run writes in its output folder (``/``: a folder of the tool's files): with ``probing`` the
+    probe's outputs, with ``from_scores`` (a selection from saved scores) its speed-vs-quality plot."""
+    writes = ["run_config.json", "selection.json", "metrics.json", REPORT_NAME, "loss_curve.png"]
+    writes += ["adapter/", "checkpoints/"]
     writes += ["scores.json", "layer_scores.png"] if probing else []
+    writes += ["speed_quality.png"] if probing or from_scores else []
     return writes + (["reprobe.json", "reprobe.png"] if config.train.reprobe_every else [])
 
 
@@ -156,21 +184,23 @@ def run_probe(config: RunConfig, out_dir: str | Path, *, overwrite: bool = False
     """What `aletheia-lora probe` does: load, probe and select, writing scores.json, selection.json and
     layer_scores.png; under torchrun/accelerate the ranks share the probe batches and rank 0 writes.
 
-    Returns :func:`probe_and_select`'s ``{"scores", "selection", "cost"}``; ``selection`` is a :class:`Selection`.
+    Returns :func:`probe_and_select`'s ``{"scores", "selection", "cost"}``; ``selection`` is a :class:`Selection`;
+    ``files``: the paths written.
     """
     with launched_job(config.model.dist_timeout):
+        data = replace(config.data, general_data=None)
+        data.check_packages()  # before anything is loaded or written
         out = prepare_run_dir(out_dir, overwrite=overwrite, writes=PROBE_OUTPUTS)
         model, tokenizer = fail_together(config.model.load)
         stack = find_decoder_stack(model)
         check_max_length(config.data.max_length, model)
-        data = replace(config.data, general_data=None)
         train_rows = fail_together(lambda: build_datasets(data, tokenizer)[0])
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         result = probe_and_select(
             model, train_rows, config, out, progress=progress, pad_token_id=pad_token_id, stack=stack
         )
         on_main_process(update_manifest, out, complete=True)
-        return result
+        return {**result, "files": [out / name for name in PROBE_OUTPUTS if (out / name).exists()]}
 
 
 def _eval_all(model, eval_rows, general_rows, batch_size: int, pad_token_id: int) -> dict:
@@ -196,14 +226,16 @@ def run_pipeline(
 
     Args:
         config: The run's settings.
-        out_dir: Output folder: scores.json, selection.json, layer_scores.png, adapter/, checkpoints/,
-            metrics.json, loss_curve.png, run_config.json. Refused if it exists, unless ``overwrite``/``resume``.
+        out_dir: Output folder (:func:`run_outputs`): metrics.json, report.md (the summary), run_config.json,
+            selection.json, scores.json, layer_scores.png, speed_quality.png, loss_curve.png, adapter/ (with a
+            filled model card, README.md), checkpoints/. Refused if it exists, unless ``overwrite``/``resume``.
         evaluate: Measure target-domain and general-corpus loss before and after training.
         overwrite: Write into an existing folder: only this tool's files are replaced, and a file it did not
             write where the run writes is refused (:func:`~aletheia_lora.files.prepare_output_dir`).
         resume: Continue training from the last checkpoint in ``out_dir/checkpoints``; refused when the
             checkpoint is damaged or the run's settings differ from those in ``run_config.json`` (except
-            ``_MAY_CHANGE_ON_RESUME``, e.g. ``--max-steps``) or from the checkpoint's adapters.
+            :data:`~aletheia_lora.resume.MAY_CHANGE_ON_RESUME`, e.g. ``--max-steps``) or from the checkpoint's
+            adapters.
         layers: Train these layers and skip the probe (not with ``scores_file``).
         scores_file: Select from these saved scores instead of probing; they must come from this model.
 
@@ -257,92 +289,17 @@ def _check_scores_model(scores: LayerScores, scores_file: str | Path, stack: Dec
         )
 
 
-# Settings a resumed run may change (they do not change what the checkpoint's adapters become); every other one
-# must be the run's, as run_config.json records it.
-_MAY_CHANGE_ON_RESUME = {
-    ("train", "max_steps"),
-    ("train", "save_steps"),
-    ("train", "save_total_limit"),
-    ("train", "logging_steps"),
-    ("train", "eval_steps"),
-    ("train", "progress"),
-    ("model", "device"),
-    ("model", "dist_timeout"),
-    ("data", "general_data"),
-}
-
-
-def _same(before, now) -> bool:
-    if isinstance(before, (list, tuple)) and isinstance(now, (list, tuple)):
-        return len(before) == len(now) and all(map(_same, before, now))
-    if isinstance(before, numbers.Real) and isinstance(now, numbers.Real) and not isinstance(before, bool):
-        return not isinstance(now, bool) and float(before) == float(now)
-    if isinstance(before, str) and isinstance(now, str) and before != now:
-        try:  # one file named two ways (relative, absolute) is the same setting
-            return os.path.samefile(before, now)
-        except OSError:
-            return False
-    return before == now
-
-
-def _check_resumed_run(out: Path, config: RunConfig, layers: list[int] | None) -> None:
-    """``--resume``, before the model loads: a readable checkpoint of the same ``--layers``, and the settings of
-    the run that wrote it (run_config.json). The checkpoint's adapters are compared in full by ``train_lora``."""
-    checkpoint = last_complete_checkpoint(out / "checkpoints")
-    if checkpoint is None:
-        raise ValueError(f"--resume: no checkpoint found in {str(out / 'checkpoints')!r}")
-    check_checkpoint_files(checkpoint)
-    adapter_config = checkpoint / "adapter_config.json"
-    if layers is not None and not config.train.reprobe_every and adapter_config.is_file():
-        saved = json.loads(adapter_config.read_text(encoding="utf-8"))
-        trained = saved.get("layers_to_transform") if isinstance(saved, dict) else None
-        trained = [trained] if isinstance(trained, int) else trained
-        if isinstance(trained, list) and all(type(v) is int for v in trained) and sorted(trained) != sorted(layers):
-            shown = _shown(sorted(trained)), _shown(sorted(layers))
-            raise ValueError(
-                f"--resume: {checkpoint} was trained with --layers {shown[0]}, this run has --layers {shown[1]}; "
-                "resume with the checkpoint's settings, or start again with --overwrite"
-            )
-    path = out / "run_config.json"
-    if not path.is_file():
-        return
-    try:
-        before = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"--resume: cannot read {str(path)!r}: {exc}; move it away to resume without it") from None
-    for group, values in _run_settings(config).items():
-        old = before.get(group) if isinstance(before, dict) else None
-        for name, value in values.items():
-            if not isinstance(old, dict) or name not in old or _same(old[name], value):
-                continue
-            if (group, name) in _MAY_CHANGE_ON_RESUME:
-                logger.info("resuming with --%s %s (the run had %s)", name.replace("_", "-"), value, old[name])
-                continue
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(
-                f"--resume: the run in {str(out)!r} was started with {flag} {_shown(old[name])}, this run has "
-                f"{flag} {_shown(value)}; resume with the run's settings, or start again with --overwrite"
-            )
-
-
-def _shown(value) -> str:
-    if isinstance(value, (list, tuple)):
-        return " ".join(map(_shown, value))
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
-
-
-def _run_settings(config: RunConfig) -> dict:
-    return {k: asdict(v) for k, v in vars(config).items()}
-
-
 def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_file) -> dict:
     given_scores = _check_request(config, layers, scores_file)
-    writes = run_outputs(config, probing=layers is None and scores_file is None)
+    # missing optional packages (a bundled corpus's, an integration's) are named before anything loads or is written
+    config.data.check_packages()
+    config.train.check_packages()
+    writes = run_outputs(config, probing=layers is None and scores_file is None, from_scores=scores_file is not None)
     if resume:  # before the folder is touched: a refused resume leaves it as it was
-        on_main_process(_check_resumed_run, Path(out_dir).expanduser(), config, layers)
+        on_main_process(check_resumed_run, Path(out_dir).expanduser(), config, layers)
     out = prepare_run_dir(out_dir, overwrite=overwrite, resume=resume, writes=writes)
     torch.manual_seed(config.train.seed)
-    on_main_process(write_json, out / "run_config.json", _run_settings(config))
+    on_main_process(write_json, out / "run_config.json", run_settings(config))
     progress = config.train.progress and is_main_process()
 
     model, tokenizer = fail_together(config.model.load)
@@ -365,8 +322,17 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
         "model": config.model.model,
         "model_type": stack.model_type,
         "num_layers": stack.num_layers,
+        "dtype": config.model.resolved_dtype,
         "versions": versions(),
-        "data": {"train_rows": len(train_rows), "eval_rows": len(eval_rows), "max_length": config.data.max_length},
+        "command": equivalent_command(config, out, evaluate=evaluate, layers=layers, scores_file=scores_file),
+        "data": {
+            "source": config.data.data,
+            "format": describe_data(config.data),
+            "train_rows": len(train_rows),
+            "eval_rows": len(eval_rows),
+            "general_rows": len(general_rows) if general_rows is not None else None,
+            "max_length": config.data.max_length,
+        },
     }
 
     if evaluate:
@@ -381,7 +347,7 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
         # rank 0 selects and hands the selection to all: every rank trains the same layers
         cost = _cost(model, train_rows, config, pad_token_id, stack)
         selection = on_main_process(_select_from_scores, given_scores, model, stack, config, cost)
-        on_main_process(write_json, out / "selection.json", selection.to_dict())
+        on_main_process(_write_selection, selection, out, stack.model_type)
         if config.lora.rank_allocation == "scores":
             scores = given_scores
     else:
@@ -434,24 +400,7 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
             report["reprobe"]["seconds"],
             report["reprobe"]["layers_ever_trained"],
         )
-    steps = result.step_times[1:] or result.step_times  # the first step pays one-off warm-up costs
-    median_step = statistics.median(steps) if steps else None  # no step run (resumed at max_steps)
-    # every rank trains on its own batches: a step covers this many tokens over all of them
-    tokens_per_step = (
-        config.train.batch_size * config.train.gradient_accumulation_steps * config.data.max_length * result.processes
-    )
-    report["train"] = {
-        "steps": len(result.step_times),
-        "seconds": result.train_seconds,
-        "median_step_seconds": median_step,
-        "tokens_per_second": tokens_per_step / median_step if median_step else None,
-        "lowest_layer_reached": "embeddings"
-        if result.lowest_layer_reached == EMBEDDINGS
-        else result.lowest_layer_reached,
-        "trainable_parameters": result.trainable_parameters,
-        "processes": result.processes,
-        "final_train_loss": next((r["loss"] for r in reversed(result.log_history) if "loss" in r), None),
-    }
+    report["train"] = _train_report(result, config)
     report["log_history"] = result.log_history
     report["adapter"] = str(result.adapter_dir) if result.adapter_dir else None
     if evaluate:
@@ -461,7 +410,36 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
         tuned = wrapped if wrapped is not None and any(u is wrapped for u in fsdp1_units(wrapped)) else result.model
         report["eval_after"] = _eval_all(tuned, eval_rows, general_rows, config.train.batch_size, pad_token_id)
     # rank 0's report (its step times, its log) is the one written and returned everywhere
-    return on_main_process(_write_report, report, out, f"{stack.model_type}: LoRA on {len(selected)} layers")
+    title = f"{stack.model_type}: LoRA on {len(selected)} layers"
+    return on_main_process(_write_report, report, out, title, writes)
+
+
+def _train_report(result, config: RunConfig) -> dict:
+    """The ``train`` part of the report: steps, time, speed, depth, the train loss."""
+    steps = result.step_times[1:] or result.step_times  # the first step pays one-off warm-up costs
+    median_step = statistics.median(steps) if steps else None  # no step run (resumed at max_steps)
+    # every rank trains on its own batches: a step covers this many tokens over all of them
+    tokens_per_step = (
+        config.train.batch_size * config.train.gradient_accumulation_steps * config.data.max_length * result.processes
+    )
+    # the last step is always logged (the guard of trainer.py): its loss is the mean since the log before it
+    last = next((r for r in reversed(result.log_history) if "loss" in r), None)
+    lowest = result.lowest_layer_reached
+    return {
+        "steps": len(result.step_times),
+        "global_step": result.global_step,
+        "max_steps": result.max_steps,
+        "seconds": result.train_seconds,
+        "median_step_seconds": median_step,
+        "tokens_per_second": tokens_per_step / median_step if median_step else None,
+        "lowest_layer_reached": "embeddings" if lowest == EMBEDDINGS else lowest,
+        "trainable_parameters": result.trainable_parameters,
+        "processes": result.processes,
+        "bf16": result.bf16,
+        "final_train_loss": last["loss"] if last else None,
+        "final_train_loss_step": last["step"] if last else None,
+        "mean_train_loss": result.mean_train_loss,
+    }
 
 
 def _select_from_scores(scores: LayerScores, model, stack: DecoderStack, config: RunConfig, cost) -> Selection:
@@ -471,48 +449,63 @@ def _select_from_scores(scores: LayerScores, model, stack: DecoderStack, config:
     return selection
 
 
-def _write_report(report: dict, out: Path, title: str) -> dict:
-    plot_loss_curves(report["log_history"], out / "loss_curve.png", title=title)
-    if "reprobe" in report:
-        every = report["reprobe"]["every"]
-        title = f"Blocks trained, re-probed every {every} steps"
-        plot_reprobe_history(report["reprobe"]["history"], report["num_layers"], out / "reprobe.png", title=title)
-    write_json(out / "metrics.json", report)
-    update_manifest(out, complete=True)
-    return report
+def _write_report(report: dict, out: Path, title: str, writes: list[str] | tuple[str, ...] = ()) -> dict:
+    return write_report(report, out, title, writes)
 
 
-def summary_table(report: dict) -> str:
-    """A short plain-text summary of a run for the terminal."""
-    sel = Selection.from_dict(report["selection"])
-    lines = [
-        f"model           {report['model']} ({report['model_type']}, {report['num_layers']} layers)",
-        f"selected        {len(sel.layers)} layers ({sel.strategy}): {list(sel.layers)}",
-    ]
-    if sel.score_share is not None:
-        lines.append(f"score captured  {sel.score_share:.1%} of the total probe score")
-    if sel.predicted_speedup is not None:
-        lines.append(f"predicted       {sel.predicted_speedup:.2f}x faster per step than LoRA on all layers")
-    if "reprobe" in report:
-        reprobe = report["reprobe"]
-        lines.append(
-            f"re-probed       every {reprobe['every']} steps, {reprobe['probes']} times in "
-            f"{reprobe['seconds']:.0f} s; last selection {reprobe['history'][-1]['layers']}"
-        )
-    train = report["train"]
-    per_step = f"{train['median_step_seconds']:.2f} s/step" if train["median_step_seconds"] is not None else "no step"
-    lines.append(
-        f"training        {train['steps']} steps in {train['seconds']:.0f} s "
-        f"({per_step}), backward reached {train['lowest_layer_reached']}"
-    )
-    if "eval_before" in report and "eval_after" in report:
-        for part in ("target", "general"):
-            if part in report["eval_before"]:
-                b, a = report["eval_before"][part], report["eval_after"][part]
-                lines.append(
-                    f"{part + ' loss':<15} {b['loss']:.3f} -> {a['loss']:.3f} "
-                    f"(perplexity {b['perplexity']:.1f} -> {a['perplexity']:.1f})"
-                )
-    if report.get("adapter"):
-        lines.append(f"adapter         {report['adapter']}")
-    return "\n".join(lines)
+def describe_data(config: DataConfig) -> str:
+    """The training data's format in a few words (``plain text ('text'), packed``), from its columns."""
+    try:
+        if is_bundled_corpus(config.data):
+            text = f"plain text (bundled corpus {config.data.strip()})"
+        else:
+            records = read_records(config.data)  # cached by datasets since build_datasets read it
+            fmt = detect_format(
+                records,
+                text_field=config.text_field,
+                prompt_field=config.prompt_field,
+                response_field=config.response_field,
+                messages_field=config.messages_field,
+            )
+            text = fmt.describe()
+            if fmt.kind != "text" and (config.chat_template or fmt.kind == "conversations" or fmt.conversational):
+                text += ", chat template"
+            if fmt.kind != "text":
+                return text
+        return text + (", packed" if config.pack else ", one row per document")
+    except (OSError, ValueError) as exc:  # the data was read once already; say so rather than fail the report
+        logger.debug("data format not described: %s", exc)
+        return "unknown"
+
+
+def equivalent_command(
+    config: RunConfig,
+    out: str | Path,
+    *,
+    evaluate: bool = True,
+    layers: list[int] | None = None,
+    scores_file: str | Path | None = None,
+) -> str:
+    """The run as one ``aletheia-lora`` command line: every setting that differs from its default, as a flag
+    (``--progress``, a matter of the console, left out)."""
+    words = ["aletheia-lora", "run" if evaluate else "train"]
+    seen: set[str] = {"progress"}
+    for group in vars(config).values():
+        for f in fields(group):
+            value = getattr(group, f.name)
+            default = f.default if f.default is not MISSING else f.default_factory()
+            if f.name in seen or is_dataclass(value) or value == default:
+                continue
+            seen.add(f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                words.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, (list, tuple)):
+                words += [flag, *map(str, value)]
+            else:
+                words += [flag, "none" if value is None else str(value)]
+    if layers is not None:
+        words += ["--layers", *map(str, layers)]
+    if scores_file is not None:
+        words += ["--scores", str(scores_file)]
+    return shlex.join([*words, "--out", str(out)])

@@ -6,61 +6,72 @@ output require grad: ``enable_input_require_grads()`` (PEFT's k-bit preparation,
 checkpointing) and reentrant gradient checkpointing. Here checkpointing is always non-reentrant, every
 input-require-grads hook is removed, and a monitor records how deep each backward pass really went.
 Training that diverges stops at once (:class:`TrainingDiverged`); ``--resume`` is checked (:func:`check_resume`).
+The Trainer itself (its evaluation, its console lines, its guard) is set up in :mod:`aletheia_lora.trainer`.
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import logging
 import math
 import numbers
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from aletheia_lora.data import IGNORE_INDEX, pad_collate
-from aletheia_lora.distributed import (
-    DEFAULT_TIMEOUT_S,
-    barrier,
-    collective_device,
-    is_distributed,
-    is_sharded_model,
-    on_main_process,
-)
+from aletheia_lora.data import pad_collate
+from aletheia_lora.distributed import DEFAULT_TIMEOUT_S, barrier, on_main_process
+from aletheia_lora.evaluation import evaluate_loss  # noqa: F401 - imported from here by callers since 0.1
 from aletheia_lora.files import (
     atomic_dir,
-    check_checkpoint_files,
     claim_outputs,
     last_complete_checkpoint,
     read_manifest,
-    rotate_checkpoints,
     update_manifest,
 )
 from aletheia_lora.layers import DecoderStack, resolve_stack, unwrap_model
 from aletheia_lora.probe import is_probing
 from aletheia_lora.reprobe import ReprobeCallback
+from aletheia_lora.resume import check_resume, rotate_checkpoints
+from aletheia_lora.trainer import (
+    QuietProgress,
+    StepLog,
+    TrainingDiverged,  # noqa: F401 - imported from here by callers
+    diverged,
+    finite_weights,
+    guarded_trainer,
+)
 
 logger = logging.getLogger(__name__)
 
 EMBEDDINGS = -1  # "lowest layer reached" when the backward pass ran down into the embeddings
 _INPUT_GRAD_HOOKS = {"make_inputs_require_grads", "make_inputs_require_grad"}
+DEFAULT_MAX_STEPS = 100  # without --max-steps and --num-train-epochs
+# pip packages of the Trainer's integrations whose name is not the integration's
+_INTEGRATION_PACKAGES = {"azure_ml": "azureml-core", "flyte": "flytekit", "kubeflow": "kubeflow"}
 
 
 @dataclass
 class TrainConfig:
     """How to train the adapters. Field help strings are shared by the CLI and the docs."""
 
-    max_steps: int = field(default=100, metadata={"help": "Optimizer steps to train for."})
+    # The help of max_steps is the benchmark's too (bench.config.stage_field): the rule of the two is told below.
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps to train for."})
+    num_train_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": f"Passes over the training rows to train for (fractions allowed) in place of --max-steps, which "
+            f"is {DEFAULT_MAX_STEPS} by default; given both, --max-steps wins, as in the HF Trainer."
+        },
+    )
     learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate of AdamW."})
     batch_size: int = field(default=4, metadata={"help": "Sequences per device per step."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches accumulated per step."})
@@ -70,7 +81,9 @@ class TrainConfig:
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 turns it off)."})
-    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every this many steps."})
+    logging_steps: int = field(
+        default=10, metadata={"help": "Log the training loss every this many steps (and at the last step)."}
+    )
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every this many steps (0: only at the end)."})
     save_steps: int = field(default=50, metadata={"help": "Write a resumable checkpoint every this many steps."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
@@ -78,7 +91,14 @@ class TrainConfig:
         default=False,
         metadata={"help": "Recompute activations in the backward pass to save memory (non-reentrant, slower)."},
     )
-    bf16: bool = field(default=False, metadata={"help": "Train in bfloat16 mixed precision (GPU)."})
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "Train in bfloat16 mixed precision (the Trainer's bf16: autocast). On by itself where the "
+            "model's weights are bfloat16 on a GPU (--dtype auto there), as TRL does; on a float32 model it "
+            "gives mixed precision."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of data order and adapter initialisation."})
     reprobe_every: int = field(
         default=0,
@@ -86,6 +106,13 @@ class TrainConfig:
             "help": "Re-run the probe every this many steps and move the trainable adapters to its selection "
             "(0: select once). LoRA then goes on every block: blocks never selected stay switched off, blocks "
             "selected earlier keep what they learned, frozen. One process only."
+        },
+    )
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={
+            "help": "Send the Trainer's logs to these integrations, e.g. tensorboard (into OUT/checkpoints/runs) or "
+            "wandb; each must be installed. none: to none; all: to every one installed."
         },
     )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
@@ -102,24 +129,74 @@ class TrainConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             flag = "--" + f.name.replace("_", "-")
-            if f.type == "int" or f.name in positive + non_negative:
+            if value is None and f.type.endswith("| None"):
+                continue
+            if f.type.startswith("int") or f.name in positive + non_negative:
                 if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                     raise TypeError(f"{flag} must be an integer, got {value!r}")
                 if f.name in positive and value <= 0:
                     raise ValueError(f"{flag} must be a positive integer, got {value!r}")
                 if f.name in non_negative and value < 0:
                     raise ValueError(f"{flag} must be >= 0, got {value!r}")
-            elif f.type == "float":
+            elif f.type.startswith("float"):
                 if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                     raise TypeError(f"{flag} must be a finite number, got {value!r}")
-                if value < 0 or (f.name == "learning_rate" and value == 0):
-                    raise ValueError(
-                        f"{flag} must be {'positive' if f.name == 'learning_rate' else '>= 0'}, got {value!r}"
-                    )
+                if f.name in ("learning_rate", "num_train_epochs") and value <= 0:
+                    raise ValueError(f"{flag} must be positive, got {value!r}")
+                if value < 0:
+                    raise ValueError(f"{flag} must be >= 0, got {value!r}")
             elif f.type == "bool" and not isinstance(value, bool):
                 raise TypeError(f"{flag} must be true or false, got {value!r}")
         if self.lr_scheduler_type not in ("linear", "cosine", "constant"):
             raise ValueError(f"--lr-scheduler-type must be linear, cosine or constant, got {self.lr_scheduler_type!r}")
+        self.report_to = _check_report_to(self.report_to)
+
+    @property
+    def steps(self) -> int:
+        """The Trainer's ``max_steps``: ``--max-steps``, else -1 (``--num-train-epochs`` decides), else 100."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return -1 if self.num_train_epochs is not None else DEFAULT_MAX_STEPS
+
+    def check_packages(self) -> None:
+        """Refuse an integration of ``report_to`` that is not installed, naming its package, before anything loads.
+
+        Raises:
+            ValueError: ``--report-to NAME needs the package P, which is not installed: pip install P``.
+        """
+        from transformers.integrations import get_available_reporting_integrations
+
+        installed = set(get_available_reporting_integrations())
+        for name in self.report_to:
+            package = _INTEGRATION_PACKAGES.get(name, name)
+            if name in ("none", "all") or name in installed or _importable(package.replace("-", "_")):
+                continue
+            raise ValueError(
+                f"--report-to {name} needs the package {package}, which is not installed: pip install {package} "
+                "(or leave --report-to out)"
+            )
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _check_report_to(value: object) -> list[str]:
+    """``report_to`` as a list of the Trainer's integration names (a single name is taken as a list of one)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = ["none"] if value is None else [value] if isinstance(value, str) else value  # a config file's `none`
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"--report-to must be a list of integration names, got {value!r}")
+    names = [n.strip().lower() for n in names]
+    known = sorted(INTEGRATION_TO_CALLBACK)
+    unknown = [n for n in names if n not in ("none", "all", *known)]
+    if unknown:
+        raise ValueError(f"--report-to {unknown[0]!r} is not an integration of the HF Trainer: give none, all, or "
+                         f"some of {', '.join(known)}")  # fmt: skip
+    if len(names) > 1 and ({"none", "all"} & set(names)):
+        raise ValueError(f"--report-to {' '.join(names)}: none and all stand alone")
+    return list(dict.fromkeys(names))
 
 
 def remove_input_require_grads_hooks(model: nn.Module) -> int:
@@ -230,75 +307,6 @@ class BackwardDepthMonitor:
         self._handles.clear()
 
 
-@torch.no_grad()
-def evaluate_loss(
-    model: nn.Module,
-    dataset: Sequence,
-    *,
-    batch_size: int = 8,
-    pad_token_id: int = 0,
-    max_batches: int | None = None,
-    distributed: bool = False,
-) -> dict[str, float]:
-    """Token-weighted mean next-token loss (and perplexity) over a tokenized dataset, padding excluded.
-
-    Args:
-        model: A causal LM; under several processes also an FSDP-sharded one (every rank then runs as many
-            forward passes as the busiest rank, the extra ones not counted).
-        dataset: Tokenized rows.
-        batch_size: Rows per forward pass.
-        pad_token_id: Padding id; padding never enters the loss.
-        max_batches: Evaluate only the first this many batches.
-        distributed: Under several processes, each rank evaluates its share of the batches and the sums
-            are added across ranks, so every rank returns the whole dataset's loss. Every rank must call it.
-    """
-    if len(dataset) == 0:
-        raise ValueError("cannot evaluate on an empty dataset")
-    device = next(model.parameters()).device
-    starts = list(range(0, len(dataset), batch_size))[:max_batches]
-    collective = distributed and is_distributed()
-    counted = len(starts)
-    if collective:
-        world = dist.get_world_size()
-        mine = starts[dist.get_rank() :: world]
-        counted = len(mine)
-        # A sharded model needs every rank in every forward pass: a rank with one batch fewer repeats one
-        # without counting it.
-        if is_sharded_model(model):
-            mine += starts[:1] * (-(-len(starts) // world) - len(mine))
-        starts = mine
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    try:
-        for b, start in enumerate(starts):
-            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-            batch = {k: v.to(device) for k, v in pad_collate(rows, pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            targets = batch["labels"][:, 1:]
-            n = int((targets != IGNORE_INDEX).sum())
-            if n == 0 or b >= counted:
-                continue
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.size(-1)),
-                targets.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            total += float(loss)
-            tokens += n
-    finally:
-        model.train(was_training)
-    if collective:
-        sums = torch.tensor([total, float(tokens)], dtype=torch.float64, device=collective_device(device))
-        dist.all_reduce(sums)
-        total, tokens = float(sums[0]), int(sums[1])
-    if tokens == 0:
-        raise ValueError("the evaluation data has no tokens to predict")
-    mean = total / tokens
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens}
-
-
 @dataclass
 class TrainResult:
     """What :func:`train_lora` did."""
@@ -312,114 +320,10 @@ class TrainResult:
     train_seconds: float
     processes: int = 1  # data-parallel ranks the Trainer trained on
     wrapped: nn.Module | None = None  # the model as the Trainer wrapped it (DDP, FSDP); FSDP1 runs only through it
-
-
-class TrainingDiverged(ValueError):
-    """Training produced a non-finite loss, gradient norm or adapter weight: it stopped, and saved no adapter."""
-
-
-def _diverged(step: int, what: str, value: object, config: TrainConfig) -> TrainingDiverged:
-    clip = f"lower --max-grad-norm (now {config.max_grad_norm:g})" if config.max_grad_norm else "set --max-grad-norm 1"
-    return TrainingDiverged(
-        f"training diverged at step {step}: {what} is {value}; stopped, no adapter saved. Lower --learning-rate "
-        f"(now {config.learning_rate:g}), {clip}, or check the data"
-    )
-
-
-def _finite_weights(model: nn.Module) -> bool:
-    # at save steps and at the end only: a sync per tensor is nothing beside a save (and tensors may sit on
-    # several devices, so they are not stacked)
-    return all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters() if p.requires_grad)
-
-
-_LOGGED = {"loss": "the loss", "grad_norm": "the gradient norm", "eval_loss": "the evaluation loss"}
-
-
-def _guarded_trainer(config: TrainConfig, output_dir: Path) -> tuple[type, object]:
-    """A Trainer stopping at a non-finite loss; a callback stopping at a non-finite logged value or weight before a
-    checkpoint, listing each checkpoint in the manifest before it is written, rotating only the listed ones."""
-    from transformers import Trainer, TrainerCallback
-
-    class GuardedTrainer(Trainer):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            # One host sync per micro-batch, in place of the Trainer's NaN filter (switched off: it hides NaNs).
-            if not bool(torch.isfinite(loss).all()):
-                raise _diverged(self.state.global_step + 1, "the loss", float(loss.float().mean()), config)
-            return loss
-
-    class Guard(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            for key, value in (logs or {}).items():
-                if isinstance(value, float) and not math.isfinite(value):
-                    raise _diverged(state.global_step, _LOGGED.get(key, key), value, config)
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if not control.should_save:
-                return
-            if model is not None and not _finite_weights(model):
-                raise _diverged(state.global_step, "an adapter weight", "not finite (the gradient overflowed)", config)
-            if state.is_world_process_zero:  # listed before the Trainer writes it: a kill mid-save leaves it ours
-                update_manifest(output_dir, claim=[f"checkpoints/checkpoint-{state.global_step}"])
-
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                rotate_checkpoints(output_dir, config.save_total_limit)
-
-    return GuardedTrainer, Guard()
-
-
-# What a resumed run's adapters must share with the checkpoint's: LoraConfig fields, by the flag that sets them.
-_RESUMED = ("layers_to_transform", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern")
-_RESUMED += ("target_parameters", "lora_dropout", "use_rslora", "use_dora")
-_FLAGS = {"layers_to_transform": "--layers", "rank_pattern": "--attention-r/--mlp-r/--rank-allocation"}
-_FLAGS |= {"alpha_pattern": "--attention-alpha/--mlp-alpha", "target_parameters": "--target-experts"}
-
-
-def _shown(value: object) -> str:
-    """A LoraConfig value as text, the same for the config and its JSON (sets, lists in any order, 8 and 8.0)."""
-    if isinstance(value, (set, frozenset, list, tuple)):
-        items = sorted(map(_shown, value))
-        return " ".join(sorted(items, key=int) if all(v.isdigit() for v in items) else items) or "None"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {_shown(v)}" for k, v in sorted(value.items())) or "None"
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
-
-
-def check_resume(checkpoint: str | os.PathLike, lora_config: LoraConfig, model: nn.Module | None = None) -> None:
-    """Check, changing nothing, that a run with ``lora_config`` (and with ``model``, its PeftModel, whose adapter
-    tensors are compared shape by shape) may resume from the ``checkpoint-N`` folder ``checkpoint``.
-
-    Raises:
-        ValueError: a damaged file (named), or adapters that differ: the flag, the checkpoint's value and the run's.
-    """
-    checkpoint = Path(checkpoint)
-    check_checkpoint_files(checkpoint)
-    redo = "resume with the checkpoint's settings, or start again with --overwrite"
-    saved_config = checkpoint / "adapter_config.json"
-    saved = json.loads(saved_config.read_text(encoding="utf-8")) if saved_config.is_file() else {}
-    new = lora_config.to_dict()
-    for key in _RESUMED:
-        before, now, flag = _shown(saved.get(key)), _shown(new.get(key)), _FLAGS.get(key, "--" + key.replace("_", "-"))
-        if key in saved and before != now:
-            raise ValueError(
-                f"--resume: {checkpoint} was trained with {flag} {before}, this run has {flag} {now}; {redo}"
-            )
-    weights = checkpoint / "adapter_model.safetensors"
-    if model is not None and weights.is_file():
-        from peft import get_peft_model_state_dict
-        from safetensors import safe_open
-
-        expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
-        with safe_open(str(weights), framework="pt") as handle:
-            found = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-        differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
-        if differ:
-            raise ValueError(
-                f"--resume: the adapter in {weights} does not fit this run's: {len(differ)} tensors differ, e.g. "
-                f"{differ[0]} ({found.get(differ[0], 'missing')} there, {expected.get(differ[0], 'missing')} "
-                f"here); {redo}"
-            )
+    global_step: int = 0  # the optimizer steps the adapter has had, a resumed run's earlier ones included
+    max_steps: int = 0  # the steps the run was to train for (from --num-train-epochs where --max-steps is not given)
+    mean_train_loss: float | None = None  # the Trainer's mean training loss over this call's steps (None: no step)
+    bf16: bool = False  # whether the Trainer trained in bfloat16 mixed precision
 
 
 def _atomic_save_adapter(model: PeftModel | None, target: Path, staged: Path | None = None) -> None:
@@ -503,7 +407,7 @@ def train_lora(
 
     Only checkpoints listed in ``output_dir``'s manifest are rotated, and without ``resume`` removed first.
     """
-    from transformers import PrinterCallback, TrainerCallback, TrainingArguments
+    from transformers import PrinterCallback, ProgressCallback, TrainingArguments
 
     config = config or TrainConfig()
     if len(train_dataset) == 0:
@@ -512,6 +416,7 @@ def train_lora(
         raise ValueError(
             f"--reprobe-every {config.reprobe_every} needs a ReprobeCallback among the callbacks to move the adapters"
         )
+    config.check_packages()
     output_dir = Path(output_dir)
     checkpoints = output_dir / "checkpoints"
     resume_from = None
@@ -528,25 +433,17 @@ def train_lora(
     if resume_from is not None:
         check_resume(resume_from, lora_config, peft_model)
         resume_from = str(resume_from)
-    step_times: list[float] = []
-
-    class _Recorder(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            step_times.append(time.perf_counter() - self._start)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and state.is_world_process_zero:
-                logger.debug("step %d: %s", state.global_step, logs)
-                if on_log is not None:
-                    on_log({"step": state.global_step, **logs})
+    if config.max_steps is not None and config.num_train_epochs is not None:
+        logger.info("--max-steps %d wins over --num-train-epochs %g", config.max_steps, config.num_train_epochs)
 
     use_cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
+    bf16 = config.bf16 or (use_cuda and _floating_dtype(model) == torch.bfloat16)
+    if bf16 and not config.bf16:
+        logger.debug("bfloat16 mixed precision: the model's weights are bfloat16 on a GPU")
     args = TrainingArguments(
         output_dir=str(checkpoints),
-        max_steps=config.max_steps,
+        max_steps=config.steps,
+        num_train_epochs=config.num_train_epochs or 1.0,  # read only when max_steps is -1
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -559,13 +456,13 @@ def train_lora(
         eval_strategy="steps" if eval_dataset is not None and config.eval_steps else "no",
         eval_steps=config.eval_steps or None,
         save_strategy="steps" if config.save_steps else "no",
-        save_steps=config.save_steps or config.max_steps,
+        save_steps=config.save_steps or 1,
         save_total_limit=None,  # rotated by the guard callback: only this tool's checkpoints
         logging_nan_inf_filter=False,  # a NaN loss stops training; the filter would hide it
-        bf16=config.bf16,
+        bf16=bf16,
         seed=config.seed,
         data_seed=config.seed,
-        report_to=[],
+        report_to=list(config.report_to),
         disable_tqdm=not config.progress,
         remove_unused_columns=False,
         label_names=["labels"],
@@ -573,18 +470,25 @@ def train_lora(
         use_cpu=not use_cuda,
         ddp_timeout=dist_timeout,
     )
+    if "tensorboard" in args.report_to and not os.environ.get("TENSORBOARD_LOGGING_DIR"):
+        # its default folder, checkpoints/runs: listed before it is written, like every output
+        on_main_process(update_manifest, output_dir, claim=["checkpoints/runs"])
     # Checkpointing is left off in the Trainer's arguments: its own set-up would add an input-grad hook.
-    trainer_cls, guard = _guarded_trainer(config, output_dir)
+    trainer_cls, guard = guarded_trainer(config, output_dir, pad_token_id)
+    steps = StepLog(on_log, epochs=config.num_train_epochs is not None)
     trainer = trainer_cls(
         model=peft_model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=partial(pad_collate, pad_token_id=pad_token_id),
-        callbacks=[guard, _Recorder(), *callbacks],
+        callbacks=[guard, steps, *callbacks],
     )
-    # Progress and losses reach the user through the progress bar and logging, not print().
+    # Losses reach the user as one line per logging step through logging (StepLog), never print()ed dicts;
+    # the progress bar stays when progress is on.
     trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(QuietProgress())
     if args.world_size > 1:
         logger.info(
             "training on %d processes (%s), %d sequences per step",
@@ -592,10 +496,9 @@ def train_lora(
             "FSDP" if getattr(trainer, "is_fsdp_enabled", False) else "DDP",
             config.batch_size * config.gradient_accumulation_steps * args.world_size,
         )
-    start = time.perf_counter()
     try:
         with BackwardDepthMonitor(peft_model, stack) as depth:
-            trainer.train(resume_from_checkpoint=resume_from)
+            output = trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:
         last = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
         logger.error(
@@ -604,12 +507,12 @@ def train_lora(
             f"last checkpoint {last} (continue with --resume)" if last else "no checkpoint was written yet",
         )
         raise
-    seconds = time.perf_counter() - start
+    seconds = float(output.metrics.get("train_runtime", 0.0))
     # counted after training: a re-probing run trains a subset of its adapters at a time
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     adapter_dir = output_dir / "adapter"
-    if not _finite_weights(peft_model):
-        raise _diverged(trainer.state.global_step, "an adapter weight", "not finite (the gradient overflowed)", config)
+    if not finite_weights(peft_model):
+        raise diverged(trainer.state.global_step, "an adapter weight", "not finite (the gradient overflowed)", config)
     if getattr(trainer, "is_fsdp_enabled", False):
         # The weights are sharded: every rank takes part in gathering the adapter (with FSDP's
         # FULL_STATE_DICT it is whole), and the Trainer writes it on rank 0, into a staging folder first.
@@ -628,10 +531,19 @@ def train_lora(
         model=peft_model,
         adapter_dir=adapter_dir,
         log_history=list(trainer.state.log_history),
-        step_times=step_times,
+        step_times=steps.step_times,
         lowest_layer_reached=depth.lowest,
         trainable_parameters=trainable,
         train_seconds=seconds,
         processes=args.world_size,
         wrapped=getattr(trainer, "model_wrapped", None),
+        global_step=trainer.state.global_step,
+        max_steps=trainer.state.max_steps,
+        mean_train_loss=output.training_loss if steps.step_times else None,
+        bf16=bf16,
     )
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point weight (None: it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
