@@ -126,8 +126,17 @@ def selection_cost(
     Returns:
         The FLOP :class:`CostModel` at ``seq_len`` x ``batch_size``, or the fitted :class:`Calibration`.
     """
-    if not calibrate:
-        return CostModel.from_model(model, seq_len=seq_len, batch_size=batch_size, stack=stack)
+    if not calibrate:  # priced at the run's own rank, targets and checkpointing
+        settings = _settings(lora)
+        return CostModel.from_model(
+            model,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            r=int(settings.get("r", 16)),
+            target_modules=settings.get("target_modules"),
+            gradient_checkpointing=gradient_checkpointing,
+            stack=stack,
+        )
     if is_distributed():
         raise ValueError(CALIBRATE_ONE_PROCESS)
     if gradient_checkpointing:
