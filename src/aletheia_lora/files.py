@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
+from aletheia_lora.checks import read_data_file
+
 logger = logging.getLogger(__name__)
 
 # The HF Trainer writes a checkpoint's trainer_state.json last: a folder without it is an interrupted save.
@@ -356,7 +358,7 @@ def read_manifest(folder: str | os.PathLike) -> OutputManifest:
     if kind != "a file":
         raise ValueError(f"{str(path)!r} is {kind}, not a regular file; remove it or choose another --out")
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
+        payload = read_data_file(path, fmt="json")
         entries, folders, complete = payload["entries"], payload["folders"], payload["complete"]
         if not (isinstance(entries, list) and isinstance(folders, list) and isinstance(complete, bool)):
             raise ValueError("entries, folders and complete have the wrong types")

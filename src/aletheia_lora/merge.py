@@ -10,7 +10,6 @@ Hub id), the adapter is attached with PEFT and checked to fit it exactly, and PE
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import stat
@@ -22,7 +21,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from aletheia_lora import __version__
-from aletheia_lora.checks import check_bool
+from aletheia_lora.checks import check_bool, read_data_file
 from aletheia_lora.files import atomic_dir, write_json
 from aletheia_lora.models import (
     TOKENIZER_FILES,
@@ -73,7 +72,7 @@ def _read_adapter(adapter: Any) -> tuple[Path, dict]:
             hint = ""
         raise ValueError(f"adapter folder {folder} has no {ADAPTER_CONFIG}, so it is not a PEFT adapter{hint}")
     try:
-        settings = json.loads(config.read_text(encoding="utf-8"))
+        settings = read_data_file(config, fmt="json")
     except (OSError, ValueError, RecursionError) as exc:
         raise ValueError(f"{config} is not valid JSON ({' '.join(str(exc).split())})") from exc
     if not isinstance(settings, dict):
@@ -94,7 +93,7 @@ def _read_adapter(adapter: Any) -> tuple[Path, dict]:
 def _merged_files(folder: Path) -> set[str] | None:
     """The names a previous merge wrote in ``folder`` (its marker lists them), or None when it is no merge output."""
     try:
-        listed = json.loads((folder / MERGE_MARKER).read_text(encoding="utf-8"))["files"]
+        listed = read_data_file((folder / MERGE_MARKER), fmt="json")["files"]
     except (OSError, ValueError, RecursionError, KeyError, TypeError):
         return None
     if not isinstance(listed, list):
@@ -152,7 +151,7 @@ def _saved_dtype(source: str) -> torch.dtype:
 
     try:
         file = cached_file(source, "config.json", local_files_only=True)
-        settings = json.loads(Path(file).read_text(encoding="utf-8"))
+        settings = read_data_file(Path(file), fmt="json")
         name = settings.get("dtype") or settings.get("torch_dtype")
         dtype = getattr(torch, name, None) if isinstance(name, str) else None
     except (OSError, ValueError, TypeError, AttributeError):

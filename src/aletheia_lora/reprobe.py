@@ -20,7 +20,6 @@ trainable parameters when they wrap the model.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -32,7 +31,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import TrainerCallback
 
-from aletheia_lora.checks import check_int, validate_selected_layers
+from aletheia_lora.checks import check_int, read_data_file, validate_selected_layers
 from aletheia_lora.files import write_json
 from aletheia_lora.layers import DecoderStack, find_decoder_stack, resolve_stack
 from aletheia_lora.plan import probe_scores
@@ -257,7 +256,7 @@ class ReprobeCallback(TrainerCallback):
                 f"({str(self.history_path) if self.history_path else 'history_path'}), which is missing"
             )
         try:
-            history = json.loads(self.history_path.read_text())["history"]
+            history = read_data_file(self.history_path, fmt="json")["history"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"cannot read the re-probing history {str(self.history_path)!r}: {exc}") from None
         kept = [h for h in history if isinstance(h, dict) and h.get("step", step + 1) <= step]

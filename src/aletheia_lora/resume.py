@@ -22,6 +22,7 @@ from typing import Any
 from peft import LoraConfig
 from torch import nn
 
+from aletheia_lora.checks import read_data_file
 from aletheia_lora.files import (
     TRAINER_STATE_NAME,
     last_complete_checkpoint,
@@ -40,7 +41,7 @@ _REDO = "resume with the checkpoint's settings, or start again with --overwrite"
 
 
 def _check_checkpoint_file(file: Path) -> None:
-    if file.suffix == ".json":
+    if file.suffix == ".json":  # the caller names the file: json's own message says what is wrong
         payload = json.loads(file.read_text(encoding="utf-8"))
         if file.name == TRAINER_STATE_NAME and not (
             isinstance(payload, dict) and type(payload.get("global_step")) is int
@@ -129,7 +130,7 @@ def check_resume(checkpoint: str | os.PathLike, lora_config: LoraConfig, model: 
     checkpoint = Path(checkpoint)
     check_checkpoint_files(checkpoint)
     saved_config = checkpoint / "adapter_config.json"
-    saved = json.loads(saved_config.read_text(encoding="utf-8")) if saved_config.is_file() else {}
+    saved = read_data_file(saved_config, fmt="json") if saved_config.is_file() else {}
     new = lora_config.to_dict()
     for key in _RESUMED:
         before, now, flag = _shown(saved.get(key)), _shown(new.get(key)), _FLAGS.get(key, "--" + key.replace("_", "-"))
@@ -207,7 +208,7 @@ def check_resumed_run(out: Path, config: Any, layers: list[int] | None) -> None:
     check_checkpoint_files(checkpoint)
     adapter_config = checkpoint / "adapter_config.json"
     if layers is not None and not config.train.reprobe_every and adapter_config.is_file():
-        saved = json.loads(adapter_config.read_text(encoding="utf-8"))
+        saved = read_data_file(adapter_config, fmt="json")
         trained = saved.get("layers_to_transform") if isinstance(saved, dict) else None
         trained = [trained] if isinstance(trained, int) else trained
         if isinstance(trained, list) and all(type(v) is int for v in trained) and sorted(trained) != sorted(layers):
@@ -220,7 +221,7 @@ def check_resumed_run(out: Path, config: Any, layers: list[int] | None) -> None:
     if not path.is_file():
         return
     try:
-        before = json.loads(path.read_text(encoding="utf-8"))
+        before = read_data_file(path, fmt="json")
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ValueError(f"--resume: cannot read {str(path)!r}: {exc}; move it away to resume without it") from None
     for group, values in run_settings(config).items():

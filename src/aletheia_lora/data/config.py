@@ -77,6 +77,10 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# --general-data's default: the bundled KJV prose when its optional package is installed, else none.
+AUTO_GENERAL = "auto"
+
+
 @dataclass
 class DataConfig:
     """Where the training, evaluation and general (forgetting) data come from, and how they are tokenized."""
@@ -96,8 +100,12 @@ class DataConfig:
         },
     )
     general_data: str | None = field(
-        default="kjv",
-        metadata={"help": "General text unrelated to the target, to measure forgetting on; 'none' to skip."},
+        default=AUTO_GENERAL,
+        metadata={
+            "help": "General text unrelated to the target, to measure forgetting on; 'none' to skip. 'auto' (the "
+            "default): the bundled King James Bible prose (kjv) when its package (the demo extra) is installed, "
+            "else none, said in the log, so a base install runs on your own data as it is."
+        },
     )
     text_field: str = field(
         default="text",
@@ -167,6 +175,9 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise ValueError(f"{_flag(name)} must name a bundled corpus or a path, got {value!r}")
+        if self.general_data is not None and str(self.general_data).strip().lower() == AUTO_GENERAL:
+            # resolved here, so run_config.json records what the run measured forgetting on
+            self.general_data = None if missing_corpus_package("kjv") else "kjv"
         if self.general_data is not None and str(self.general_data).strip().lower() in ("", "none", "off"):
             self.general_data = None
         if self.eval_data is not None and not str(self.eval_data).strip():
@@ -343,7 +354,9 @@ def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[Dataset, Dataset, D
     train = _tokenize(train_records, train_format, cfg, tokenizer)
     evaluation = _tokenize(eval_records, eval_format, cfg, tokenizer)
     general = None
-    if cfg.general_data is not None:
+    if cfg.general_data is None:
+        logger.info("no general corpus: forgetting is not measured (--general-data FILE, or kjv with the demo extra)")
+    else:
         if cfg.general_data.strip().lower() == cfg.data.strip().lower():
             logger.warning("the general corpus is the target corpus; forgetting will not be measured")
         text_field = "text" if is_bundled_corpus(cfg.general_data) else cfg.text_field

@@ -3,7 +3,6 @@ refused with a :class:`CheckpointError` that names the folder or file."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -12,6 +11,8 @@ import zipfile
 from pathlib import Path
 
 from safetensors import SafetensorError
+
+from aletheia_lora.checks import read_data_file
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def _check_safetensors(file: Path) -> None:
 def _weight_shards(folder: Path, index_name: str) -> list[Path]:
     index = folder / index_name
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_data_file(index, fmt="json")["weight_map"]
         shards = sorted({str(name) for name in weight_map.values()})
     except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"weights index {index} is damaged: {_one_line(exc)}") from exc
@@ -121,7 +122,7 @@ def check_checkpoint_folder(folder: str | os.PathLike) -> None:
     if config.stat().st_size > MAX_CONFIG_BYTES:
         raise CheckpointError(f"{where}: config.json is {config.stat().st_size} bytes, too large to be a model config")
     try:
-        settings = json.loads(config.read_text(encoding="utf-8"))
+        settings = read_data_file(config, fmt="json")
     except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply to parse
         raise CheckpointError(f"{where}: config.json is not valid JSON ({_one_line(exc)})") from exc
     if not isinstance(settings, dict):
