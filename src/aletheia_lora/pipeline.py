@@ -6,7 +6,7 @@ import logging
 import platform
 import shlex
 import statistics
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from aletheia_lora.distributed import (
 )
 from aletheia_lora.evaluation import evaluate_loss
 from aletheia_lora.files import prepare_output_dir, update_manifest, write_json
+from aletheia_lora.freeze import FreezeCallback
 from aletheia_lora.layers import DecoderStack, find_decoder_stack
 from aletheia_lora.models import ModelConfig
 from aletheia_lora.plan import choose_layers, lora_config_for, selection_cost
@@ -41,7 +42,7 @@ from aletheia_lora.probe import LayerScores, ProbeConfig
 from aletheia_lora.report import REPORT_NAME, summary_table, write_report
 from aletheia_lora.reprobe import ReprobeCallback
 from aletheia_lora.resume import check_resumed_run, run_settings
-from aletheia_lora.select import SelectConfig, Selection
+from aletheia_lora.select import PROGRESSIVE, SelectConfig, Selection
 from aletheia_lora.train import EMBEDDINGS, TrainConfig, train_lora
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,11 @@ def probe_and_select(
     Returns ``{"scores", "selection", "cost"}``: the :class:`LayerScores`, the :class:`Selection` and what
     predicted its speedups (:func:`~aletheia_lora.plan.selection_cost`).
     """
+    if config.select.strategy == PROGRESSIVE:
+        raise ValueError(
+            "--strategy progressive is a way of training, not a selection: it needs no probe (train with it, or "
+            "probe with --strategy score, contiguous or truncation)"
+        )
     scores, selection, cost = choose_layers(
         model,
         train_rows,
@@ -155,7 +161,7 @@ def _write_probe_outputs(scores: LayerScores, selection: Selection, out_dir: Pat
 def _write_selection(selection: Selection, out_dir: Path, model_type: str) -> None:
     """selection.json, and the strategies' predicted speed vs captured score, the chosen one marked."""
     write_json(out_dir / "selection.json", selection.to_dict())
-    if selection.strategy != "given":
+    if selection.strategy not in ("given", PROGRESSIVE):
         title = f"{model_type}: predicted speed vs probe score captured" if model_type else None
         plot_speed_quality(selection, out_dir / "speed_quality.png", **({"title": title} if title else {}))
 
@@ -170,6 +176,7 @@ def run_outputs(config: RunConfig, *, probing: bool = True, from_scores: bool = 
     writes += ["adapter/", "checkpoints/"]
     writes += ["scores.json", "layer_scores.png"] if probing else []
     writes += ["speed_quality.png"] if probing or from_scores else []
+    writes += ["freeze.png"] if config.select.strategy == PROGRESSIVE else []
     return writes + (["reprobe.json", "reprobe.png"] if config.train.reprobe_every else [])
 
 
@@ -262,6 +269,21 @@ def _check_request(config: RunConfig, layers: list[int] | None, scores_file: str
                 "--rank-allocation scores needs probe scores: drop --layers (the probe then scores the layers), "
                 "or give --scores FILE in its place"
             )
+    if config.select.strategy == PROGRESSIVE:
+        if config.train.reprobe_every:
+            raise ValueError(
+                "--strategy progressive does not combine with --reprobe-every: one freezes blocks as they settle, "
+                "the other moves training between blocks"
+            )
+        if scores_file is not None:
+            raise ValueError(
+                "--strategy progressive needs no scores: drop --scores (--layers sets the starting blocks)"
+            )
+        if config.lora.rank_allocation == "scores":
+            raise ValueError(
+                "--strategy progressive does not combine with --rank-allocation scores: it needs no probe scores "
+                "and puts LoRA on every block at one rank"
+            )
     if config.train.reprobe_every:
         if config.lora.rank_allocation == "scores":
             raise ValueError(
@@ -294,7 +316,9 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
     # missing optional packages (a bundled corpus's, an integration's) are named before anything loads or is written
     config.data.check_packages()
     config.train.check_packages()
-    writes = run_outputs(config, probing=layers is None and scores_file is None, from_scores=scores_file is not None)
+    progressive = config.select.strategy == PROGRESSIVE
+    probing = layers is None and scores_file is None and not progressive
+    writes = run_outputs(config, probing=probing, from_scores=scores_file is not None)
     if resume:  # before the folder is touched: a refused resume leaves it as it was
         on_main_process(check_resumed_run, Path(out_dir).expanduser(), config, layers)
     out = prepare_run_dir(out_dir, overwrite=overwrite, resume=resume, writes=writes)
@@ -340,7 +364,10 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
         report["eval_before"] = _eval_all(model, eval_rows, general_rows, config.train.batch_size, pad_token_id)
 
     scores, cost = None, None
-    if layers is not None:
+    if progressive:  # no probe: LoRA on every block (or the given ones) to start with
+        selection = Selection.progressive(layers if layers is not None else range(stack.num_layers))
+        on_main_process(write_json, out / "selection.json", selection.to_dict())
+    elif layers is not None:
         selection = Selection.given(layers)
         on_main_process(write_json, out / "selection.json", selection.to_dict())
     elif given_scores is not None:
@@ -360,7 +387,12 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
     logger.info("adapting layers %s", selected)
 
     callbacks = []
-    if config.train.reprobe_every:
+    freezing = None
+    if progressive:
+        lora_config, _ = lora_config_for(model, selected, config.lora, every_block=True, stack=stack)
+        freezing = FreezeCallback(config.train.freeze_every, config.train.max_frozen_pct, layers=selected)
+        callbacks.append(freezing)
+    elif config.train.reprobe_every:
         # adapters on every block; the callback trains the selected ones and moves them at each re-probe
         lora_config, _ = lora_config_for(model, selected, config.lora, every_block=True, stack=stack)
         if cost is None:  # --layers: no selection was costed yet
@@ -392,7 +424,9 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
         dist_timeout=config.model.dist_timeout,
         stack=stack,
     )
-    if callbacks:
+    if freezing is not None:
+        report["freeze"] = _freeze_report(freezing, result)
+    elif callbacks:
         report["reprobe"] = reprobing.summary()
         logger.info(
             "re-probed %d times in %.1f s; layers trained at some point: %s",
@@ -410,7 +444,7 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
         tuned = wrapped if wrapped is not None and any(u is wrapped for u in fsdp1_units(wrapped)) else result.model
         report["eval_after"] = _eval_all(tuned, eval_rows, general_rows, config.train.batch_size, pad_token_id)
     # rank 0's report (its step times, its log) is the one written and returned everywhere
-    title = f"{stack.model_type}: LoRA on {len(selected)} layers"
+    title = f"{stack.model_type}: LoRA on {len(selected)} layers" + (", frozen progressively" if progressive else "")
     return on_main_process(_write_report, report, out, title, writes)
 
 
@@ -440,6 +474,19 @@ def _train_report(result, config: RunConfig) -> dict:
         "final_train_loss_step": last["step"] if last else None,
         "mean_train_loss": result.mean_train_loss,
     }
+
+
+def _freeze_report(freezing: FreezeCallback, result) -> dict:
+    """The report's ``freeze`` part: the callback's summary, and this call's step times by step."""
+    first = result.global_step - len(result.step_times) + 1  # a resumed run timed its own steps only
+    out = freezing.summary()
+    out["step_seconds"] = [[first + i, t] for i, t in enumerate(result.step_times)]
+    logger.info(
+        "progressive freezing: blocks %s frozen; %s",
+        [int(b) for b in out["frozen_blocks"]],
+        ", ".join(f"block {b} at step {v['step']}" for b, v in out["frozen_blocks"].items()) or "none settled",
+    )
+    return out
 
 
 def _select_from_scores(scores: LayerScores, model, stack: DecoderStack, config: RunConfig, cost) -> Selection:
@@ -491,9 +538,10 @@ def equivalent_command(
     words = ["aletheia-lora", "run" if evaluate else "train"]
     seen: set[str] = {"progress"}
     for group in vars(config).values():
+        defaults = type(group)()  # as built, so a default resolved on this machine (--general-data auto) is one
         for f in fields(group):
             value = getattr(group, f.name)
-            default = f.default if f.default is not MISSING else f.default_factory()
+            default = getattr(defaults, f.name)
             if f.name in seen or is_dataclass(value) or value == default:
                 continue
             seen.add(f.name)

@@ -265,3 +265,49 @@ def plot_reprobe_history(
     ax.set_ylabel("block")
     ax.set_title(title)
     return save_figure(fig, path)
+
+
+def plot_freeze_timeline(
+    freeze: Mapping,
+    num_layers: int,
+    path: str | os.PathLike,
+    *,
+    title: str = "Progressive freezing",
+    end_step: int | None = None,
+) -> Path:
+    """Progressive freezing over a run: the lowest trainable block (and the lowest the backward pass reached) vs
+    step above, the step time vs step below, a dotted line at each freeze.
+
+    ``freeze`` is a report's ``freeze`` part (:meth:`~aletheia_lora.freeze.FreezeCallback.summary` with
+    ``step_seconds``): ``timeline`` (``step``, ``lowest_trainable``), ``reached`` and ``step_seconds`` (pairs of a
+    step and a value).
+    """
+    timeline = list(freeze.get("timeline") or [])
+    seconds = [(int(s), float(t)) for s, t in freeze.get("step_seconds") or []]
+    reached = [(int(s), int(b)) for s, b in freeze.get("reached") or []]
+    last = max(
+        [end_step or 0] + [s for s, _ in seconds] + [s for s, _ in reached] + [int(e["step"]) for e in timeline]
+    )
+    fig = new_figure((6.4, 5.2))
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    if timeline:
+        xs = [int(e["step"]) for e in timeline] + [max(last, 1)]
+        ys = [int(e["lowest_trainable"]) for e in timeline]
+        top.step(xs, ys + ys[-1:], where="post", color="tab:blue", label="lowest trainable block")
+    if reached:
+        top.plot([s for s, _ in reached], [b for _, b in reached], ".", ms=3, color="tab:orange",
+                 label="lowest block the backward pass reached (-1: embeddings)")  # fmt: skip
+    top.set_ylim(-1.5, num_layers - 0.5)
+    top.set_ylabel("block")
+    top.legend(fontsize=7, loc="best")
+    top.grid(alpha=0.3)
+    if seconds:
+        bottom.plot([s for s, _ in seconds], [t for _, t in seconds], "-", lw=1, color="tab:green")
+    bottom.set_ylabel("step time (s)")
+    bottom.set_xlabel("training step")
+    bottom.grid(alpha=0.3)
+    for entry in timeline[1:]:
+        for ax in (top, bottom):
+            ax.axvline(int(entry["step"]), ls=":", color="grey", lw=0.8)
+    top.set_title(title)
+    return save_figure(fig, path)

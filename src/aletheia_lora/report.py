@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from aletheia_lora.files import update_manifest, write_json, write_text
-from aletheia_lora.plots import plot_loss_curves, plot_reprobe_history
+from aletheia_lora.plots import plot_freeze_timeline, plot_loss_curves, plot_reprobe_history
 from aletheia_lora.select import Selection
 
 logger = logging.getLogger(__name__)
@@ -21,7 +21,15 @@ logger = logging.getLogger(__name__)
 REPORT_NAME = "report.md"
 # where files written beside metrics.json are listed in the summary, in this order
 _ORDER = ("metrics.json", REPORT_NAME, "run_config.json", "selection.json", "scores.json", "layer_scores.png")
-_ORDER += ("speed_quality.png", "loss_curve.png", "reprobe.json", "reprobe.png", "adapter/", "checkpoints/")
+_ORDER += (
+    "speed_quality.png",
+    "loss_curve.png",
+    "reprobe.json",
+    "reprobe.png",
+    "freeze.png",
+    "adapter/",
+    "checkpoints/",
+)
 
 
 def _loss(report: dict, when: str, part: str = "target") -> float | None:
@@ -51,6 +59,10 @@ def summary_table(report: dict) -> str:
             f"re-probed       every {reprobe['every']} steps, {reprobe['probes']} times in "
             f"{reprobe['seconds']:.0f} s; last selection {reprobe['history'][-1]['layers']}"
         )
+    if "freeze" in report:
+        freeze = report["freeze"]
+        frozen = ", ".join(f"{b} at step {v['step']}" for b, v in freeze["frozen_blocks"].items()) or "none"
+        lines.append(f"frozen          every {freeze['every']} steps, blocks settled: {frozen}")
     train = report["train"]
     speed = [f"{train['median_step_seconds']:.2f} s/step"] if train["median_step_seconds"] is not None else ["no step"]
     if train.get("tokens_per_second"):
@@ -191,6 +203,14 @@ def write_report(report: dict, out: Path, title: str, writes: list[str] | tuple[
             report["num_layers"],
             out / "reprobe.png",
             title=f"Blocks trained, re-probed every {every} steps",
+        )
+    if "freeze" in report:
+        plot_freeze_timeline(
+            report["freeze"],
+            report["num_layers"],
+            out / "freeze.png",
+            title=f"Progressive freezing, decided every {report['freeze']['every']} steps",
+            end_step=steps,
         )
     report["out"] = str(out)
     report["files"] = written_files(out, writes or ["metrics.json", REPORT_NAME])

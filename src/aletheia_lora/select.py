@@ -34,6 +34,9 @@ from aletheia_lora.frontier import candidates, exact, pareto_flags
 from aletheia_lora.layers import DecoderStack
 
 STRATEGIES = ("score", "contiguous", "truncation")
+# Not a selection but a way of training (aletheia_lora.freeze): LoRA on every block, frozen from the bottom as blocks
+# settle. SelectConfig and Selection admit it so that `--strategy progressive` names it; select_layers does not.
+PROGRESSIVE = "progressive"
 
 # A relative slack so that a target equal to a point's own speedup (e.g. read off the frontier) is reached.
 _SPEEDUP_TOLERANCE = 1e-9
@@ -319,7 +322,8 @@ class SelectConfig:
         metadata={
             "help": "score: the top layers by probe score (the reference); contiguous: the top block of layers; "
             "truncation: the best-scoring layers above a lowest layer moved up until half the achievable speed-up "
-            "is predicted (or --target-speedup)"
+            "is predicted (or --target-speedup); progressive: no probe, LoRA on every block (or --layers), the "
+            "lowest frozen during training as their gradients settle (--freeze-every, --max-frozen-pct)"
         },
     )
     target_speedup: float | None = field(
@@ -334,7 +338,8 @@ class SelectConfig:
     )
 
     def __post_init__(self) -> None:
-        check_choice("--strategy", self.strategy, STRATEGIES)
+        if self.strategy != PROGRESSIVE:  # the choices listed as the pinned messages have them (ERRORS.md)
+            check_choice("--strategy", self.strategy, STRATEGIES)
         if self.top_k is not None:  # the upper bound (the number of layers) is checked at selection
             check_int("--top-k", self.top_k, minimum=1)
             if self.top_pct not in (None, 50):  # as select_layers: 50 is also what "not given" reads as
@@ -408,7 +413,8 @@ class Selection:
 
     def __post_init__(self) -> None:
         layers = tuple(validate_selected_layers(self.layers))
-        check_choice("strategy", self.strategy, (*STRATEGIES, GIVEN))
+        if self.strategy != PROGRESSIVE:
+            check_choice("strategy", self.strategy, (*STRATEGIES, GIVEN))
         object.__setattr__(self, "layers", layers)
         if self.lowest_layer is None:
             object.__setattr__(self, "lowest_layer", layers[0])
@@ -420,14 +426,19 @@ class Selection:
         """Blocks named by the user: no scores, no prediction, no probe (``probe_seconds`` 0.0)."""
         return cls(layers=tuple(layers), strategy=GIVEN, probe_seconds=0.0)
 
+    @classmethod
+    def progressive(cls, layers: Sequence[int]) -> Selection:
+        """The starting blocks of progressive freezing (:mod:`aletheia_lora.freeze`): no scores, no probe."""
+        return cls(layers=tuple(layers), strategy=PROGRESSIVE, probe_seconds=0.0)
+
     def with_probe_seconds(self, seconds: float | None) -> Selection:
         """A copy that records how long the probe took."""
         return replace(self, probe_seconds=seconds)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON layout of selection.json and of a report's ``selection``, keys in this order."""
-        if self.strategy == GIVEN:
-            out: dict[str, Any] = {"strategy": GIVEN, "selected_layers": list(self.layers)}
+        if self.strategy in (GIVEN, PROGRESSIVE):
+            out: dict[str, Any] = {"strategy": self.strategy, "selected_layers": list(self.layers)}
         else:
             out = {
                 "strategy": self.strategy,
@@ -462,14 +473,15 @@ class Selection:
         if not isinstance(data, Mapping):
             raise TypeError(f"a selection must be a mapping, got {type(data).__name__}")
         known = {"strategy", "selected_layers", "probe_seconds"}
-        if data.get("strategy") != GIVEN:
+        if data.get("strategy") not in (GIVEN, PROGRESSIVE):
             known |= {*_SCORED_KEYS, "calibration"}
         unknown = sorted(set(data) - known)
         missing = sorted({"strategy", "selected_layers"} - set(data))
         if unknown or missing:
             raise ValueError(f"not a selection: unknown keys {unknown}, missing keys {missing}")
-        if data["strategy"] == GIVEN:
-            return replace(cls.given(data["selected_layers"]), probe_seconds=data.get("probe_seconds"))
+        if data["strategy"] in (GIVEN, PROGRESSIVE):
+            made = cls.given if data["strategy"] == GIVEN else cls.progressive
+            return replace(made(data["selected_layers"]), probe_seconds=data.get("probe_seconds"))
         points = [(p["lowest_layer"], p["score_share"], p["predicted_speedup"]) for p in data.get("frontier", [])]
         pareto = pareto_flags([share for _, share, _ in points], [speedup for _, _, speedup in points])
         frontier = tuple(

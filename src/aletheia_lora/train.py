@@ -37,6 +37,7 @@ from aletheia_lora.files import (
     read_manifest,
     update_manifest,
 )
+from aletheia_lora.freeze import DEFAULT_FREEZE_EVERY, DEFAULT_MAX_FROZEN_PCT, FreezeCallback
 from aletheia_lora.layers import DecoderStack, resolve_stack, unwrap_model
 from aletheia_lora.probe import is_probing
 from aletheia_lora.reprobe import ReprobeCallback
@@ -108,6 +109,17 @@ class TrainConfig:
             "selected earlier keep what they learned, frozen. One process only."
         },
     )
+    freeze_every: int = field(
+        default=DEFAULT_FREEZE_EVERY,
+        metadata={
+            "help": "With --strategy progressive: steps per interval of the freezing rule; at the end of each, "
+            "the lowest blocks whose gradient norm changed less than the median block's are frozen"
+        },
+    )
+    max_frozen_pct: float = field(
+        default=DEFAULT_MAX_FROZEN_PCT,
+        metadata={"help": "With --strategy progressive: the most of the blocks that may be frozen, in percent."},
+    )
     report_to: list[str] = field(
         default_factory=lambda: ["none"],
         metadata={
@@ -124,6 +136,7 @@ class TrainConfig:
             "gradient_accumulation_steps",
             "logging_steps",
             "save_total_limit",
+            "freeze_every",
         )
         non_negative = ("warmup_steps", "eval_steps", "save_steps", "seed", "reprobe_every")
         for f in fields(self):
@@ -147,6 +160,8 @@ class TrainConfig:
                     raise ValueError(f"{flag} must be >= 0, got {value!r}")
             elif f.type == "bool" and not isinstance(value, bool):
                 raise TypeError(f"{flag} must be true or false, got {value!r}")
+        if self.max_frozen_pct > 100:
+            raise ValueError(f"--max-frozen-pct must be at most 100, got {self.max_frozen_pct!r}")
         if self.lr_scheduler_type not in ("linear", "cosine", "constant"):
             raise ValueError(f"--lr-scheduler-type must be linear, cosine or constant, got {self.lr_scheduler_type!r}")
         self.report_to = _check_report_to(self.report_to)
@@ -280,10 +295,17 @@ class BackwardDepthMonitor:
     def __init__(self, model: nn.Module, stack: DecoderStack | None = None) -> None:
         self.stack = resolve_stack(model, stack)
         self.lowest: int | None = None
+        self.recent: int | None = None  # the lowest since the last take()
         self._handles = []
 
     def _record(self, index: int) -> None:
         self.lowest = index if self.lowest is None else min(self.lowest, index)
+        self.recent = index if self.recent is None else min(self.recent, index)
+
+    def take(self) -> int | None:
+        """The lowest block reached since the last call (e.g. in the last step), None if no backward pass ran."""
+        recent, self.recent = self.recent, None
+        return recent
 
     def _on_output(self, index: int, module: nn.Module, args, output) -> None:
         hidden = output[0] if isinstance(output, (tuple, list)) else output
@@ -432,6 +454,9 @@ def train_lora(
     peft_model = prepare_lora_model(model, lora_config, gradient_checkpointing=config.gradient_checkpointing)
     if resume_from is not None:
         check_resume(resume_from, lora_config, peft_model)
+        for callback in callbacks:
+            if isinstance(callback, FreezeCallback):  # before the Trainer builds its optimizer
+                callback.restore(peft_model, resume_from)
         resume_from = str(resume_from)
     if config.max_steps is not None and config.num_train_epochs is not None:
         logger.info("--max-steps %d wins over --num-train-epochs %g", config.max_steps, config.num_train_epochs)
@@ -498,6 +523,9 @@ def train_lora(
         )
     try:
         with BackwardDepthMonitor(peft_model, stack) as depth:
+            for callback in callbacks:
+                if isinstance(callback, FreezeCallback):
+                    callback.depth_monitor = depth  # each step's depth goes into its timeline
             output = trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:
         last = last_complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
