@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from aletheia_lora.files import write_text
+from aletheia_lora.plots import save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def plot_task(task: str, entry: dict, folder: Path, name: str) -> list[str]:
     left.legend(fontsize=7)
     fig.tight_layout()
     path = folder / f"{name}_{task}.png"
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)  # atomically, like every other output
     return [path.name]
 
 
