@@ -294,11 +294,18 @@ class BenchConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> BenchConfig:
         """Read a YAML (or JSON) file of settings; keys are the field names (``-`` or ``_``)."""
-        values = {str(k).replace("-", "_"): v for k, v in read_settings(path).items()}
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"--config: unknown setting(s) {unknown} in {str(path)!r}{renamed_hint(unknown)}")
-        return cls(**values)
+        return settings_from_file(cls, path, hint=renamed_hint)
+
+
+def settings_from_file(cls: type, path: str | os.PathLike, *, hint: Any = None) -> Any:
+    """``cls(**settings)`` from a YAML (or JSON) file whose keys are ``cls``'s field names (``-`` or ``_``); an
+    unknown key is refused, with ``hint(unknown)`` appended to the message when given."""
+    values = {str(k).replace("-", "_"): v for k, v in read_settings(path).items()}
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        extra = hint(unknown) if hint is not None else ""
+        raise ValueError(f"--config: unknown setting(s) {unknown} in {str(path)!r}{extra}")
+    return cls(**values)
 
 
 def read_settings(path: str | os.PathLike) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,22 @@ def tiny_llama(*, seed: int, **config) -> nn.Module:
     return LlamaForCausalLM(model_config)
 
 
+def tiny_bench_model(config: Any, *, seed: int, vocab_size: int, **extra) -> nn.Module:
+    """The benchmarks' ``tiny`` model: :func:`tiny_llama` of ``config.tiny_layers`` blocks of width
+    ``config.tiny_hidden`` (4 heads, 2 key-value heads, tied embeddings)."""
+    return tiny_llama(
+        seed=seed,
+        vocab_size=vocab_size,
+        hidden_size=config.tiny_hidden,
+        intermediate_size=2 * config.tiny_hidden,
+        num_hidden_layers=config.tiny_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        **extra,
+    )
+
+
 def _counting_rows(n: int, length: int, vocab: int, stride: int, seed: int) -> list[dict]:
     """Rows that count up by ``stride`` from a random start (ids 1..vocab-1): learnable in a few steps."""
     starts = np.random.default_rng(seed).integers(0, vocab - 1, n)
@@ -48,16 +65,7 @@ def load_workload(config: BenchConfig, device: torch.device) -> tuple[nn.Module,
     The general rows are None with ``general_data`` None (``--general-data none``): forgetting is not measured.
     """
     if config.model == TINY_MODEL:
-        model = tiny_llama(
-            seed=config.seed,
-            vocab_size=config.tiny_vocab,
-            hidden_size=config.tiny_hidden,
-            intermediate_size=2 * config.tiny_hidden,
-            num_hidden_layers=config.tiny_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        ).to(device)
+        model = tiny_bench_model(config, seed=config.seed, vocab_size=config.tiny_vocab).to(device)
         n_train = config.batch_size * config.max_steps * 2
         train = _counting_rows(n_train, config.max_length, config.tiny_vocab, 1, config.seed)
         target = _counting_rows(config.eval_blocks, config.max_length, config.tiny_vocab, 1, config.seed + 1)

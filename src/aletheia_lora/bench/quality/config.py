@@ -6,9 +6,9 @@ import math
 import numbers
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
-from aletheia_lora.bench.config import TINY_MODEL, read_settings
+from aletheia_lora.bench.config import TINY_MODEL, settings_from_file
 
 TASKS = ("python-stdlib", "chitchat")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -154,8 +154,4 @@ class QualityConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> QualityConfig:
         """Read a YAML (or JSON) file of settings; keys are the field names (``-`` or ``_``)."""
-        values = {str(k).replace("-", "_"): v for k, v in read_settings(path).items()}
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"--config: unknown setting(s) {unknown} in {str(path)!r}")
-        return cls(**values)
+        return settings_from_file(cls, path)

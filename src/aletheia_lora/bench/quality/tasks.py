@@ -19,7 +19,7 @@ from datasets import Dataset
 from torch import nn
 
 from aletheia_lora.bench.config import TINY_MODEL
-from aletheia_lora.bench.workload import _spread, tiny_llama
+from aletheia_lora.bench.workload import _spread, tiny_bench_model
 from aletheia_lora.data import bundled_corpus, tokenize_records
 from aletheia_lora.data.corpora import chitchat_conversations
 from aletheia_lora.models import ModelConfig
@@ -56,17 +56,9 @@ def load_base(config: Any, device: torch.device) -> tuple[nn.Module, Any]:
     """The base model and its tokenizer: the tiny random Llama with the byte tokenizer, or ``config.model``."""
     if config.model == TINY_MODEL:
         tokenizer = byte_tokenizer()
-        model = tiny_llama(
-            seed=0,
-            vocab_size=len(tokenizer),
-            hidden_size=config.tiny_hidden,
-            intermediate_size=2 * config.tiny_hidden,
-            num_hidden_layers=config.tiny_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            eos_token_id=tokenizer.eos_token_id,
-        ).to(device)
+        model = tiny_bench_model(config, seed=0, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id).to(
+            device
+        )
         return model, tokenizer
     return ModelConfig(model=config.model, dtype=config.dtype, device=str(device)).load()
 
