@@ -284,6 +284,12 @@ def _check_request(config: RunConfig, layers: list[int] | None, scores_file: str
                 "--strategy progressive does not combine with --rank-allocation scores: it needs no probe scores "
                 "and puts LoRA on every block at one rank"
             )
+    if config.train.cache_prefix and (config.select.strategy == PROGRESSIVE or config.train.reprobe_every):
+        raise ValueError(
+            f"--cache-prefix does not combine with "
+            f"{'--strategy progressive' if config.select.strategy == PROGRESSIVE else '--reprobe-every'}: the adapted "
+            "blocks move during training, so the blocks below them are not a fixed prefix"
+        )
     if config.train.reprobe_every:
         if config.lora.rank_allocation == "scores":
             raise ValueError(
@@ -473,6 +479,7 @@ def _train_report(result, config: RunConfig) -> dict:
         "final_train_loss": last["loss"] if last else None,
         "final_train_loss_step": last["step"] if last else None,
         "mean_train_loss": result.mean_train_loss,
+        "prefix_cache": result.prefix_cache,
     }
 
 

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -39,6 +40,7 @@ from aletheia_lora.files import (
 )
 from aletheia_lora.freeze import DEFAULT_FREEZE_EVERY, DEFAULT_MAX_FROZEN_PCT, FreezeCallback
 from aletheia_lora.layers import DecoderStack, resolve_stack, unwrap_model
+from aletheia_lora.prefix_cache import PrefixCache
 from aletheia_lora.probe import is_probing
 from aletheia_lora.reprobe import ReprobeCallback
 from aletheia_lora.resume import check_resume, rotate_checkpoints
@@ -120,6 +122,28 @@ class TrainConfig:
         default=DEFAULT_MAX_FROZEN_PCT,
         metadata={"help": "With --strategy progressive: the most of the blocks that may be frozen, in percent."},
     )
+    cache_prefix: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the frozen blocks below the lowest adapted one once per training row, before training, and "
+            "feed their stored output to the adapted blocks at every step: the same loss and gradients, without "
+            "the prefix's forward. Pays over several epochs; the cache takes one hidden state per training token."
+        },
+    )
+    cache_budget: float = field(
+        default=4.0,
+        metadata={
+            "help": "With --cache-prefix: GiB kept in memory; a larger cache is memory-mapped in OUT/prefix-cache"
+        },
+    )
+    cache_dtype: str = field(
+        default="auto",
+        metadata={"help": "With --cache-prefix: auto (the model's dtype, exact) or bfloat16 (half a float32 cache)."},
+    )
+    keep_cache: bool = field(
+        default=False,
+        metadata={"help": "With --cache-prefix: keep a memory-mapped cache after training for a later run to reuse."},
+    )
     report_to: list[str] = field(
         default_factory=lambda: ["none"],
         metadata={
@@ -162,6 +186,10 @@ class TrainConfig:
                 raise TypeError(f"{flag} must be true or false, got {value!r}")
         if self.max_frozen_pct > 100:
             raise ValueError(f"--max-frozen-pct must be at most 100, got {self.max_frozen_pct!r}")
+        if self.cache_budget <= 0:
+            raise ValueError(f"--cache-budget must be positive, got {self.cache_budget!r}")
+        if self.cache_dtype not in ("auto", "bfloat16"):
+            raise ValueError(f"--cache-dtype must be auto or bfloat16, got {self.cache_dtype!r}")
         if self.lr_scheduler_type not in ("linear", "cosine", "constant"):
             raise ValueError(f"--lr-scheduler-type must be linear, cosine or constant, got {self.lr_scheduler_type!r}")
         self.report_to = _check_report_to(self.report_to)
@@ -346,6 +374,7 @@ class TrainResult:
     max_steps: int = 0  # the steps the run was to train for (from --num-train-epochs where --max-steps is not given)
     mean_train_loss: float | None = None  # the Trainer's mean training loss over this call's steps (None: no step)
     bf16: bool = False  # whether the Trainer trained in bfloat16 mixed precision
+    prefix_cache: dict | None = None  # with --cache-prefix: what the cache held and cost (PrefixCache.summary)
 
 
 def _atomic_save_adapter(model: PeftModel | None, target: Path, staged: Path | None = None) -> None:
@@ -499,6 +528,13 @@ def train_lora(
         # its default folder, checkpoints/runs: listed before it is written, like every output
         on_main_process(update_manifest, output_dir, claim=["checkpoints/runs"])
     # Checkpointing is left off in the Trainer's arguments: its own set-up would add an input-grad hook.
+    collate = partial(pad_collate, pad_token_id=pad_token_id)
+    cache = None
+    if config.cache_prefix:
+        cache = _build_prefix_cache(
+            peft_model, train_dataset, config, args, output_dir, pad_token_id, callbacks, stack
+        )
+        train_dataset, collate = cache.indexed(train_dataset), cache.collator(collate)
     trainer_cls, guard = guarded_trainer(config, output_dir, pad_token_id)
     steps = StepLog(on_log, epochs=config.num_train_epochs is not None)
     trainer = trainer_cls(
@@ -506,7 +542,7 @@ def train_lora(
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=partial(pad_collate, pad_token_id=pad_token_id),
+        data_collator=collate,
         callbacks=[guard, steps, *callbacks],
     )
     # Losses reach the user as one line per logging step through logging (StepLog), never print()ed dicts;
@@ -522,7 +558,7 @@ def train_lora(
             config.batch_size * config.gradient_accumulation_steps * args.world_size,
         )
     try:
-        with BackwardDepthMonitor(peft_model, stack) as depth:
+        with BackwardDepthMonitor(peft_model, stack) as depth, cache.attach(peft_model) if cache else nullcontext():
             for callback in callbacks:
                 if isinstance(callback, FreezeCallback):
                     callback.depth_monitor = depth  # each step's depth goes into its timeline
@@ -535,6 +571,10 @@ def train_lora(
             f"last checkpoint {last} (continue with --resume)" if last else "no checkpoint was written yet",
         )
         raise
+    finally:
+        if cache is not None:
+            cache_summary = cache.summary()
+            cache.close(keep=config.keep_cache)
     seconds = float(output.metrics.get("train_runtime", 0.0))
     # counted after training: a re-probing run trains a subset of its adapters at a time
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -569,6 +609,36 @@ def train_lora(
         max_steps=trainer.state.max_steps,
         mean_train_loss=output.training_loss if steps.step_times else None,
         bf16=bf16,
+        prefix_cache=cache_summary if cache is not None else None,
+    )
+
+
+def _build_prefix_cache(
+    model: PeftModel,
+    rows,
+    config: TrainConfig,
+    args,
+    output_dir: Path,
+    pad_token_id: int,
+    callbacks: Sequence,
+    stack: DecoderStack | None,
+) -> PrefixCache:
+    """The prefix cache of ``--cache-prefix``, after refusing what it cannot serve exactly."""
+    if config.reprobe_every or any(isinstance(c, (ReprobeCallback, FreezeCallback)) for c in callbacks):
+        what = "--reprobe-every" if config.reprobe_every else "re-probing or progressive freezing"
+        raise ValueError(f"--cache-prefix cannot be combined with {what}: the adapted blocks move during training")
+    if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise ValueError("--cache-prefix does not work under FSDP (its blocks are sharded in its wrappers); use DDP")
+    return PrefixCache.for_run(
+        model,
+        rows,
+        output_dir=output_dir,
+        pad_token_id=pad_token_id,
+        stack=stack,
+        batch_size=config.batch_size,
+        budget_gib=config.cache_budget,
+        dtype=torch.bfloat16 if config.cache_dtype == "bfloat16" else None,
+        progress=config.progress,
     )
 
 

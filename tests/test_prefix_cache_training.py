@@ -1,0 +1,132 @@
+"""Prefix caching in training (`TrainConfig(cache_prefix=True)`, `--cache-prefix`): the Trainer's losses, evaluations
+and adapters equal those of the uncached run, with gradient accumulation, resume, memory-mapped storage and two
+gloo ranks; the saved adapter is an ordinary PEFT adapter; what cannot be cached is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from aletheia_lora import apply_aletheia_lora
+from aletheia_lora.cli import main
+from aletheia_lora.evaluation import evaluate_loss
+from aletheia_lora.files import read_manifest
+from aletheia_lora.train import TrainConfig, train_lora
+from test_cli import TRAIN, tiny_args
+from test_distributed import TORCHRUN, WORKERS, cli_args, run_bounded
+from tiny_models import tiny_model, token_rows
+
+
+def _train(tmp_path, name, arch="llama", layers=(2, 3), rows=None, resume=False, **settings):
+    model = tiny_model(arch, n_layers=4)
+    rows = rows or token_rows(16, 16, vary=True)
+    config = TrainConfig(batch_size=4, eval_steps=3, logging_steps=1, save_steps=3, progress=False, **settings)
+    result = train_lora(model, apply_aletheia_lora(model, list(layers), r=4, lora_alpha=8), rows, rows[:4], config,
+                        output_dir=tmp_path / name, resume=resume)  # fmt: skip
+    losses = [(h["step"], h["loss"]) for h in result.log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in result.log_history if "eval_loss" in h]
+    return result, losses, evals
+
+
+def _lora_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("arch,accumulation", [("llama", 1), ("llama", 2), ("falcon", 1)])
+def test_cached_training_equals_the_full_forward(tmp_path, arch, accumulation):
+    plain, losses, evals = _train(tmp_path, "plain", arch, max_steps=6, gradient_accumulation_steps=accumulation)
+    cached, c_losses, c_evals = _train(tmp_path, "cached", arch, max_steps=6, gradient_accumulation_steps=accumulation,
+                                       cache_prefix=True)  # fmt: skip
+    assert [s for s, _ in c_losses] == [s for s, _ in losses] == list(range(1, 7))
+    assert [v for _, v in c_losses] == pytest.approx([v for _, v in losses], abs=1e-6)
+    assert [v for _, v in c_evals] == pytest.approx([v for _, v in evals], abs=1e-6)  # evaluation runs uncached
+    a, b = _lora_state(plain.model), _lora_state(cached.model)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert plain.prefix_cache is None
+    summary = cached.prefix_cache
+    assert summary["block"] == 2 and summary["rows"] == 16 and summary["memory_mapped"] is False
+    assert summary["batches_served"] == 6 * accumulation  # every micro-batch skipped the prefix
+    assert cached.lowest_layer_reached == 2
+
+
+def test_the_adapter_is_an_ordinary_peft_adapter_that_gives_the_reported_loss(tmp_path):
+    rows = token_rows(16, 16, vary=True)
+    result, _, evals = _train(tmp_path, "run", rows=rows, max_steps=6, cache_prefix=True)
+    base = tiny_model("llama", n_layers=4)
+    loaded = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+    assert evaluate_loss(loaded, rows[:4], batch_size=4)["loss"] == pytest.approx(evals[-1][1], abs=1e-6)
+    # the trained model is left unhooked: no row-id hook or skipping forward stays behind
+    assert not any("forward" in vars(m) for m in result.model.modules())
+
+
+def test_a_memory_mapped_cache_is_listed_removed_or_kept_and_reused(tmp_path):
+    result, losses, _ = _train(tmp_path, "run", max_steps=3, cache_prefix=True, cache_budget=1e-9)
+    assert result.prefix_cache["memory_mapped"] is True and result.prefix_cache["reused"] is False
+    assert not (tmp_path / "run" / "prefix-cache" / "states.bin").exists()  # removed at the end
+    manifest = read_manifest(tmp_path / "run")
+    assert "prefix-cache" in manifest.folders and "prefix-cache/states.bin" in manifest.entries
+    kept, _, _ = _train(tmp_path, "kept", max_steps=3, cache_prefix=True, cache_budget=1e-9, keep_cache=True)
+    assert (tmp_path / "kept" / "prefix-cache" / "states.bin").is_file()
+    again, again_losses, _ = _train(tmp_path, "kept", max_steps=3, cache_prefix=True, cache_budget=1e-9)
+    assert again.prefix_cache["reused"] is True
+    assert [v for _, v in again_losses] == pytest.approx([v for _, v in losses], abs=1e-6)
+
+
+def test_resume_with_the_cache_continues_like_an_uncached_run(tmp_path):
+    resumed = {}
+    for name, cache in (("plain", False), ("cached", True)):
+        _train(tmp_path, name, max_steps=3, cache_prefix=cache)
+        result, losses, _ = _train(tmp_path, name, max_steps=6, cache_prefix=cache, resume=True)
+        resumed[name] = [(s, v) for s, v in losses if s > 3]
+        assert len(result.step_times) == 3
+    assert [s for s, _ in resumed["cached"]] == [4, 5, 6]
+    assert [v for _, v in resumed["cached"]] == pytest.approx([v for _, v in resumed["plain"]], abs=1e-6)
+
+
+def test_block_zero_and_moving_blocks_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="the lowest adapted block is 0, so there is no frozen prefix to skip"):
+        _train(tmp_path, "zero", layers=(0, 3), max_steps=2, cache_prefix=True)
+    with pytest.raises(ValueError, match="--cache-budget must be positive, got 0"):
+        TrainConfig(cache_prefix=True, cache_budget=0)
+    with pytest.raises(ValueError, match="--cache-dtype must be auto or bfloat16, got 'float16'"):
+        TrainConfig(cache_prefix=True, cache_dtype="float16")
+
+
+def test_run_cache_prefix_end_to_end_and_its_refusals(tiny_checkpoint, tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_checkpoint, tiny_corpus, out, *TRAIN, "--strategy", "contiguous", "--top-pct", "50")
+    assert main(["run", *args, "--cache-prefix"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    cache = report["train"]["prefix_cache"]
+    assert cache["block"] == min(report["selection"]["selected_layers"]) > 0
+    assert cache["batches_served"] == report["train"]["steps"] == 4
+    capsys.readouterr()
+    refused = tiny_args(tiny_checkpoint, tiny_corpus, tmp_path / "p", *TRAIN, "--strategy", "progressive")
+    assert main(["run", *refused, "--cache-prefix"]) == 2
+    assert "--cache-prefix does not combine with --strategy progressive" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
+def test_two_gloo_ranks_train_alike_with_and_without_the_cache(tiny_checkpoint, tiny_corpus, tmp_path):
+    losses = {}
+    for name, extra in (("plain", []), ("cached", ["--cache-prefix"])):
+        out = tmp_path / name
+        argv = [*cli_args(tiny_checkpoint, tiny_corpus, out), "--strategy", "contiguous", "--top-pct", "50", *extra]
+        proc = run_bounded([*TORCHRUN, str(WORKERS), "cli", "run", *argv], timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads((out / "metrics.json").read_text())
+        assert report["train"]["processes"] == 2
+        losses[name] = (report["train"]["mean_train_loss"], report["eval_after"]["target"]["loss"])
+        if extra:
+            assert report["train"]["prefix_cache"]["batches_served"] == report["train"]["steps"]
+    assert losses["cached"] == pytest.approx(losses["plain"], abs=1e-6)
+    loaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_checkpoint), tmp_path / "cached" / "adapter"
+    )
+    assert any("lora_" in n for n, _ in loaded.named_parameters())
