@@ -12,7 +12,7 @@ How it plugs in, without touching the model's code or its ``state_dict``:
   ``aletheia_row_ids`` (:meth:`PrefixCache.collator`);
 * :meth:`PrefixCache.attach` hooks the model: a pre-hook on the outer model takes the row ids out of the inputs
   (so any Trainer, DDP included, passes them), the blocks below ``m`` return their input unchanged for that one
-  forward, and a pre-hook on block ``m`` puts the stored states in place of its input. A forward without row ids
+  forward, the last of them returning the stored states in place of its output. A forward without row ids
   (evaluation, generation) runs the whole model as usual.
 
 Choices, and why:
@@ -391,11 +391,10 @@ class PrefixCache:
         handles = [
             outer.register_forward_pre_hook(self._take_row_ids, with_kwargs=True),
             outer.register_forward_hook(self._release, always_call=True),
-            self.stack.blocks[self.block].register_forward_pre_hook(self._feed, with_kwargs=True),
         ]
         skipped = list(self.stack.blocks[: self.block])
         for module in skipped:
-            module.forward = self._skipping(module)
+            module.forward = self._skipping(module, last=module is skipped[-1])
         try:
             yield self
         finally:
@@ -406,13 +405,17 @@ class PrefixCache:
                     del module.forward
             self._batch_rows = None
 
-    def _skipping(self, module: nn.Module) -> Callable:
+    def _skipping(self, module: nn.Module, last: bool) -> Callable:
+        # The last skipped block returns the stored states itself (rather than a pre-hook on block m replacing its
+        # input): a checkpointed block m that recomputes its forward in the backward pass then sees them again.
         real = type(module).forward.__get__(module)
 
         def forward(*args, **kwargs):
             if self._batch_rows is None:
                 return real(*args, **kwargs)
             hidden = args[0] if args else kwargs["hidden_states"]
+            if last:
+                hidden = self._stored(hidden)
             return (hidden,) + (None,) * (self._tuple_len - 1) if self._tuple_len else hidden
 
         return forward
@@ -448,18 +451,14 @@ class PrefixCache:
                     "after the cache was built"
                 )
 
-    def _feed(self, module, args, kwargs):
-        if self._batch_rows is None:
-            return None
-        hidden = args[0] if args else kwargs["hidden_states"]
+    def _stored(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The batch's stored states, shaped like ``hidden`` (padding positions zero: no real token attends them)."""
         states = torch.zeros_like(hidden)
         for j, row in enumerate(self._batch_rows.tolist()):
             lo, n = self.offsets[row], self.lengths[row]
             states[j, :n] = self.states[lo : lo + n].to(hidden.device, hidden.dtype, non_blocking=True)
         self.hits += 1
-        if args:
-            return (states, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": states}
+        return states
 
 
 class _IndexedRows(Sequence):
@@ -537,13 +536,13 @@ def _check_deterministic(model, stack, rows, pad_token_id, block) -> None:
     sample = [rows[i] for i in range(min(2, len(rows)))]
     was_training = model.training
     model.train()
-    try:
-        gen = torch.random.get_rng_state()
-        first = _run_prefix(model, stack, sample, pad_token_id, block)
-        second = _run_prefix(model, stack, sample, pad_token_id, block)
-        torch.random.set_rng_state(gen)  # the check leaves the training's random stream as it was
-    finally:
-        model.train(was_training)
+    # the check leaves the training's random streams (CPU and every GPU) as they were
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        try:
+            first = _run_prefix(model, stack, sample, pad_token_id, block)
+            second = _run_prefix(model, stack, sample, pad_token_id, block)
+        finally:
+            model.train(was_training)
     if not torch.equal(first, second):
         settings = _stochastic_settings(model)
         raise ValueError(

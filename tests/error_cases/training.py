@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,12 +15,14 @@ from peft import get_peft_model
 
 from aletheia_lora import aletheia_lora_config, apply_aletheia_lora
 from aletheia_lora.config import LoraSettings
-from aletheia_lora.data import DataConfig
+from aletheia_lora.data import DataConfig, pad_collate
 from aletheia_lora.files import write_json
 from aletheia_lora.models import ModelConfig
 from aletheia_lora.pipeline import RunConfig, run_pipeline
+from aletheia_lora.prefix_cache import PrefixCache
 from aletheia_lora.reprobe import ReprobeCallback, set_trainable_layers
 from aletheia_lora.resume import check_checkpoint_files, check_resume
+from aletheia_lora.select import SelectConfig
 from aletheia_lora.train import TrainConfig
 from error_cases.base import Case, Ctx, Exit2, Raises
 from tiny_models import token_rows
@@ -62,6 +65,13 @@ def _run_config(ctx: Ctx, **lora) -> RunConfig:
     )
 
 
+def _cache_with_progressive(ctx: Ctx) -> None:
+    config = _run_config(ctx)
+    config.select = SelectConfig(strategy="progressive")
+    config.train = TrainConfig(max_steps=1, batch_size=2, save_steps=0, progress=False, cache_prefix=True)
+    run_pipeline(config, "o")
+
+
 def _cli_scores_of_another_model(ctx: Ctx) -> list[str]:
     meta = '"meta": {"model_type": "gpt2", "num_layers": 4}'
     ctx.file("s.json", '{"scores": {"0": 1.0, "1": 2.0, "2": 3.0, "3": 4.0}, ' + meta + "}")
@@ -86,6 +96,29 @@ def _optimizer_without_adapters(ctx: Ctx) -> None:
     ReprobeCallback(token_rows(2), 2, layers=[1]).on_train_begin(
         SimpleNamespace(world_size=1), SimpleNamespace(global_step=0), None, model=peft_model, optimizer=optimizer
     )
+
+
+def _cache_model(ctx: Ctx, arch: str = "llama", layers=(1,), **config):
+    """A 2-block tiny model with LoRA on ``layers``; ``config`` set on its config first."""
+    model = ctx.model(arch)
+    for key, value in config.items():
+        setattr(model.config, key, value)
+    return get_peft_model(model, apply_aletheia_lora(model, list(layers), r=2))
+
+
+def _cache_trainable_embedding(ctx: Ctx) -> None:
+    model = _cache_model(ctx)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    PrefixCache.build(model, token_rows(2))
+
+
+def _cache_changed_row(ctx: Ctx) -> None:
+    model, rows = _cache_model(ctx), token_rows(2)
+    cache = PrefixCache.build(model, rows)
+    rows[0]["input_ids"][3] = rows[0]["input_ids"][3] % 90 + 1  # the dataset changes after the build
+    dataset, collate = cache.indexed(rows), cache.collator(partial(pad_collate, pad_token_id=0))
+    with cache.attach(model):
+        model(**collate([dataset[0], dataset[1]]))
 
 
 CASES: list[Case] = [
@@ -133,4 +166,31 @@ CASES: list[Case] = [
     Case("reprobe-optimizer-missing-adapters", "ReprobeCallback", "a Trainer optimizer built after freezing "
          "the other blocks' adapters", _optimizer_without_adapters,
          Raises(ValueError, r"the optimizer does not hold the adapters of blocks \[0\]")),
+    # prefix caching (--cache-prefix)
+    Case("prefix-cache-block-0", "PrefixCache.build", "adapters on block 0 (nothing below them to cache)",
+         lambda c: PrefixCache.build(_cache_model(c, layers=(0, 1)), token_rows(2)),
+         Raises(ValueError, "--cache-prefix: the lowest adapted block is 0, so there is no frozen prefix to skip")),
+    Case("prefix-cache-trainable-embedding", "PrefixCache.build", "a trainable embedding below the adapted blocks",
+         _cache_trainable_embedding,
+         Raises(ValueError, "--cache-prefix: .*embed_tokens.weight is trainable but lies outside the adapted "
+                "blocks 1 and above")),
+    Case("prefix-cache-router-loss", "PrefixCache.build", "a Mixtral with config.output_router_logits=True",
+         lambda c: PrefixCache.build(_cache_model(c, "mixtral", output_router_logits=True), token_rows(2)),
+         Raises(ValueError, "--cache-prefix: the model's router auxiliary loss is on "
+                "\\(config.output_router_logits\\)")),
+    Case("prefix-cache-random-prefix", "PrefixCache.build", "an OPT with its default dropout 0.1 (functional, "
+         "no module)", lambda c: PrefixCache.build(_cache_model(c, "opt"), token_rows(2)),
+         Raises(ValueError, "--cache-prefix: the blocks below block 1 are random in train mode \\(dropout or "
+                "router noise: dropout=0.1\\)")),
+    Case("prefix-cache-over-budget", "PrefixCache.build", "a cache over budget_gib and no folder",
+         lambda c: PrefixCache.build(_cache_model(c), token_rows(2), budget_gib=1e-9),
+         Raises(ValueError, "--cache-prefix: the cache needs .*, over --cache-budget 1e-09 GiB, and no folder was "
+                "given for its memory-mapped files")),
+    Case("prefix-cache-changed-row", "PrefixCache.attach", "a training row whose tokens changed after the build",
+         _cache_changed_row,
+         Raises(ValueError, "--cache-prefix: the tokens of training row 0 differ from those cached; the dataset "
+                "changed after the cache was built")),
+    Case("pipeline-cache-prefix-progressive", "run_pipeline", "--cache-prefix with --strategy progressive",
+         _cache_with_progressive,
+         Raises(ValueError, "--cache-prefix does not combine with --strategy progressive: the adapted blocks move")),
 ]  # fmt: skip
