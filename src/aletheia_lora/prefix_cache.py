@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -269,9 +268,8 @@ class PrefixCache:
         if in_memory:
             states = torch.empty((sum(lengths), hidden), dtype=dtype)
         else:
-            if folder.exists():
-                shutil.rmtree(folder)
-            folder.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            _remove_files(folder)  # only the cache's own two files: anything else in the folder is left alone
             states = torch.from_file(str(folder / _STATES), shared=True, size=sum(lengths) * hidden, dtype=dtype)
             states = states.view(-1, hidden)
         start = time.perf_counter()
@@ -355,7 +353,9 @@ class PrefixCache:
         """Drop the states; remove the memory-mapped files unless ``keep`` (a later run may reuse them)."""
         self.states = torch.empty(0)
         if self.folder is not None and self.folder.exists() and not keep:
-            shutil.rmtree(self.folder)
+            _remove_files(self.folder)
+            if not any(self.folder.iterdir()):
+                self.folder.rmdir()
 
     # --- using --------------------------------------------------------------------------------------------
 
@@ -470,6 +470,11 @@ class _IndexedRows(Sequence):
 
     def __getitem__(self, index: int) -> dict:
         return {**self.dataset[index], ROW_IDS: int(index)}
+
+
+def _remove_files(folder: Path) -> None:
+    for name in (_META, _STATES):  # the description first: a half-removed cache is never taken for whole
+        (folder / name).unlink(missing_ok=True)
 
 
 def _hidden_size(model: nn.Module, stack: DecoderStack) -> int:
