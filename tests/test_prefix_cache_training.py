@@ -130,3 +130,39 @@ def test_two_gloo_ranks_train_alike_with_and_without_the_cache(tiny_checkpoint, 
         AutoModelForCausalLM.from_pretrained(tiny_checkpoint), tmp_path / "cached" / "adapter"
     )
     assert any("lora_" in n for n, _ in loaded.named_parameters())
+
+
+def test_the_documented_recipe_for_your_own_trainer(tmp_path):
+    """PrefixCache's docstring: build, indexed rows, the collator, attach around a plain transformers Trainer."""
+    from functools import partial
+
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from aletheia_lora.data import pad_collate
+    from aletheia_lora.prefix_cache import PrefixCache
+
+    rows = token_rows(16, 16, vary=True)
+    losses = {}
+    for cached in (False, True):
+        model = tiny_model("llama", n_layers=4)
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, apply_aletheia_lora(model, [2, 3], r=4, lora_alpha=8))
+        args = TrainingArguments(output_dir=str(tmp_path / str(cached)), max_steps=4, per_device_train_batch_size=4,
+                                 logging_steps=1, report_to=[], use_cpu=True, remove_unused_columns=False,
+                                 save_strategy="no", disable_tqdm=True, seed=0)  # fmt: skip
+        collate = partial(pad_collate, pad_token_id=0)
+        if cached:
+            cache = PrefixCache.build(peft_model, rows)
+            trainer = Trainer(model=peft_model, args=args, train_dataset=cache.indexed(rows),
+                              data_collator=cache.collator(collate))  # fmt: skip
+            with cache.attach(peft_model):
+                trainer.train()
+            cache.close()
+            assert cache.hits == 4
+        else:
+            trainer = Trainer(model=peft_model, args=args, train_dataset=rows, data_collator=collate)
+            trainer.train()
+        losses[cached] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses[True]) == 4
+    assert losses[True] == pytest.approx(losses[False], abs=1e-6)
