@@ -1,4 +1,5 @@
-"""The quality protocol (`aletheia-lora quality`): the --quick config end to end, resumption, splits, summary."""
+"""The quality protocol (`aletheia-lora quality`): the --quick config end to end, resumption, splits, summary; the
+arms that take another arm's rate (prefix caching, progressive freezing and its fixed-schedule control)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from aletheia_lora.bench.quality import ARMS, QualityConfig, choose_rate, run_protocol, unit_path
-from aletheia_lora.bench.quality.arms import ArmContext
+from aletheia_lora import freeze
+from aletheia_lora.bench.quality import ARMS, QualityConfig, choose_rate, planned_units, run_protocol, unit_path
+from aletheia_lora.bench.quality.arms import AFTER, RATE_FROM, ArmChoice, ArmContext, rate_source, register_arm
+from aletheia_lora.bench.quality.protocol import _Session
 from aletheia_lora.bench.quality.tasks import load_base, validation_or_test
+from aletheia_lora.bench.quality.unit import _clock, fixed_schedule, run_unit
 from aletheia_lora.cli import main
 from aletheia_lora.data.corpora import missing_corpus_package
 from aletheia_lora.layers import find_decoder_stack
@@ -45,8 +49,16 @@ def quick_run(tmp_path_factory):
 def test_the_quick_run_writes_every_unit_the_summary_and_the_page(quick_run):
     out, config, summary = quick_run["out"], quick_run["config"], quick_run["summary"]
     root = out / config.name
+    shared = {"contiguous+cache": "contiguous", "truncation+cache": "truncation", "progressive": "all",
+              "progressive-fixed": "all"}  # fmt: skip
+    assert set(shared) <= set(config.arms)  # the quick run includes the new arms end to end
     for task in config.tasks:
         for arm in config.arms:
+            if arm in shared:  # no sweep: the rate its source chose, every seed, and no other unit
+                chosen = summary["tasks"][task]["arms"][shared[arm]]["learning_rate"]
+                names = sorted(path.name for path in (root / task / arm).glob("*.json"))
+                assert names == sorted(unit_path(root, task, arm, chosen, s).name for s in config.seeds)
+                continue
             for rate in config.learning_rates:
                 assert unit_path(root, task, arm, rate, config.seeds[0]).is_file()
     assert summary["complete"] and summary["missing_units"] == []
@@ -55,8 +67,15 @@ def test_the_quick_run_writes_every_unit_the_summary_and_the_page(quick_run):
     for task in config.tasks:
         arms = summary["tasks"][task]["arms"]
         assert set(arms) == set(config.arms)
-        for arm in arms.values():
-            assert set(arm["sweep"]) == {f"{r:g}" for r in config.learning_rates}
+        for name, arm in arms.items():
+            if name in shared:
+                assert arm["rate_from"] == shared[name] and arm["sweep"] == {}
+                assert arm["learning_rate"] == arms[shared[name]]["learning_rate"]
+                for seed in config.seeds:
+                    assert unit_path(root, task, name, arm["learning_rate"], seed).is_file()
+            else:
+                assert "rate_from" not in arm
+                assert set(arm["sweep"]) == {f"{r:g}" for r in config.learning_rates}
             assert arm["learning_rate"] in config.learning_rates
             assert len(arm["seeds"]) == len(config.seeds)
             for seed in arm["seeds"]:
@@ -69,6 +88,9 @@ def test_the_quick_run_writes_every_unit_the_summary_and_the_page(quick_run):
     page = (out / "docs" / "QUALITY.md").read_text()
     assert page.startswith("# Quality protocol\n\nDoes the default (`score`) reach all-layer LoRA's best test loss")
     assert "aletheia-lora quality --config" in page
+    assert "| contiguous+cache | " in page and "(= contiguous)" in page and "| progressive-fixed | " in page
+    assert "No sweep for `contiguous+cache` (the rate `contiguous` chose)" in page
+    assert "`progressive` froze (block@step): seed 0:" in page and "built its prefix cache in" in page
     assert (out / f"{config.name}.md").is_file()
 
 
@@ -76,7 +98,11 @@ def test_the_chosen_rate_is_the_validation_argmin(quick_run):
     summary, config = quick_run["summary"], quick_run["config"]
     root = quick_run["out"] / config.name
     for task in config.tasks:
-        for name, arm in summary["tasks"][task]["arms"].items():
+        arms = summary["tasks"][task]["arms"]
+        for name, arm in arms.items():
+            if rate_source(name) is not None:  # no sweep of its own: its source's choice
+                assert arm["learning_rate"] == arms[rate_source(name)]["learning_rate"]
+                continue
             losses = {
                 r: json.loads(unit_path(root, task, name, r, config.seeds[0]).read_text())["validation_loss"]
                 for r in config.learning_rates
@@ -168,6 +194,14 @@ def test_every_arm_picks_its_blocks_and_ranks():
     for seed in range(5):
         above = ARMS["random-above"](ctx, seed).layers
         assert min(above) == lowest
+    for name in ("contiguous", "truncation"):
+        cached = picks[f"{name}+cache"]
+        assert (cached.layers, cached.lora) == (picks[name].layers, picks[name].lora)
+        assert cached.training == {"prefix_cache": True} and picks[name].training == {}
+    for name in ("progressive", "progressive-fixed"):
+        assert picks[name].layers == list(range(6)) and picks[name].lora == picks["all"].lora
+    rule = {"freeze": "gradient", "every": config.freeze_every, "max_frozen_pct": config.max_frozen_pct}
+    assert picks["progressive"].training == rule and picks["progressive-fixed"].training == {"freeze": "fixed"}
 
 
 def test_bad_settings_name_the_flag():
@@ -177,8 +211,212 @@ def test_bad_settings_name_the_flag():
         QualityConfig(arms=["score"])
     with pytest.raises(ValueError, match="--learning-rates must be"):
         QualityConfig(learning_rates=[])
+    with pytest.raises(
+        ValueError, match="--arms: 'contiguous\\+cache' trains at the learning rate 'contiguous' chose"
+    ):
+        QualityConfig(arms=["all", "contiguous+cache"])
+    with pytest.raises(ValueError, match="--arms: 'progressive-fixed' runs after 'progressive'"):
+        QualityConfig(arms=["all", "progressive-fixed"])
+    with pytest.raises(ValueError, match="--freeze-every must be an integer >= 1"):
+        QualityConfig(freeze_every=0)
+    with pytest.raises(ValueError, match="--max-frozen-pct must be at most 100"):
+        QualityConfig(max_frozen_pct=150)
     with pytest.raises(ValueError, match="--config: unknown setting"):
         QualityConfig.from_file(REPO / "bench" / "configs" / "tiny.yaml")
     full = QualityConfig.from_file(REPO / "bench" / "configs" / "quality.yaml")
     assert len(full.learning_rates) >= 4 and len(full.seeds) == 3 and full.epochs >= 2
     assert all(b / a == pytest.approx(2) for a, b in zip(full.learning_rates, full.learning_rates[1:]))
+    # the arms of the committed units first, in their order: their units keep their places in the plan
+    first = ["all", "score", "truncation", "contiguous", "paper", "param-matched", "random", "random-above"]
+    assert full.arms == [*first, "contiguous+cache", "truncation+cache", "progressive", "progressive-fixed"]
+    assert full.arms == QualityConfig().arms
+    # freeze.py's interval, scaled from its ~200-step runs to the protocol's ~60; its share of blocks as it is
+    assert full.freeze_every == QualityConfig().freeze_every == round(freeze.DEFAULT_FREEZE_EVERY * 60 / 200)
+    assert full.max_frozen_pct == QualityConfig().max_frozen_pct == freeze.DEFAULT_MAX_FROZEN_PCT
+
+
+# --- the arms that take another arm's rate ------------------------------------------------------------------------
+
+
+def test_a_cached_arm_trains_as_its_uncached_arm_on_a_clock_that_includes_the_build(quick_run):
+    root, config = quick_run["out"] / quick_run["config"].name, quick_run["config"]
+    for task in config.tasks:
+        for cached, source in (("contiguous+cache", "contiguous"), ("truncation+cache", "truncation")):
+            rate = quick_run["summary"]["tasks"][task]["arms"][source]["learning_rate"]
+            for seed in config.seeds:
+                a = json.loads(unit_path(root, task, cached, rate, seed).read_text())
+                b = json.loads(unit_path(root, task, source, rate, seed).read_text())
+                assert a["layers"] == b["layers"] and a["rate_from"] == source
+                assert a["train_losses"] == pytest.approx(b["train_losses"], abs=1e-6)
+                for p, q in zip(a["curve"], b["curve"], strict=True):
+                    assert p["step"] == q["step"]
+                    assert p["validation_loss"] == pytest.approx(q["validation_loss"], abs=1e-6)
+                    assert p["test_loss"] == pytest.approx(q["test_loss"], abs=1e-6)
+                # the prefix was really skipped, every step
+                assert a["prefix_cache"]["block"] == min(a["layers"]) > 0
+                assert a["prefix_cache"]["batches_served"] == a["steps"]
+                # the build is charged at step 0: the curve starts there and every later time includes it
+                build = a["cache_build_seconds"]
+                assert build >= a["prefix_cache"]["build_seconds"] > 0
+                assert a["curve"][0]["seconds"] == build and b["curve"][0]["seconds"] == 0.0
+                assert a["train_seconds"] == pytest.approx(_clock(a["step_seconds"], a["steps"]) + build)
+                for point in a["curve"][1:]:
+                    assert point["seconds"] == pytest.approx(_clock(a["step_seconds"], point["step"]) + build)
+
+
+def test_a_cached_arm_without_a_frozen_prefix_trains_uncached_and_says_so(tmp_path):
+    config = _quick(tasks=["python-stdlib"], epochs=1)
+    session = _Session(config, tmp_path)
+    task = session.tasks["python-stdlib"]
+    assert task.data.train  # loads the data and the base losses
+    kw = {"rate": 0.004, "seed": 0, "config": config, "device": session.device, "base_losses": task.base_losses}
+    lora = task.context.lora()
+    cached = run_unit(session.base, task.data, ArmChoice([0, 1], lora, training={"prefix_cache": True}), arm="x", **kw)
+    plain = run_unit(session.base, task.data, ArmChoice([0, 1], lora), arm="y", **kw)
+    assert cached["prefix_cache"] is None and cached["cache_build_seconds"] == 0.0
+    assert "lowest adapted block is 0" in cached["prefix_cache_skipped"]
+    assert cached["train_losses"] == plain["train_losses"]
+    assert "prefix_cache" not in plain and "training" not in plain  # a plain arm's record is as it was
+
+
+def _unit(root: Path, task: str, arm: str, rate: float, seed: int, loss: float) -> None:
+    path = unit_path(root, task, arm, rate, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"validation_loss": loss}))
+
+
+def test_rate_from_arms_plan_no_sweep_and_wait_for_their_source(tmp_path):
+    config = _quick(tasks=["python-stdlib"], seeds=[0, 1])
+    rates = config.learning_rates
+    sweeping = [a for a in config.arms if rate_source(a) is None]
+    plan = planned_units(config, tmp_path)
+    assert plan == [("python-stdlib", a, r, 0) for a in sweeping for r in rates]  # sweeps only, nothing else
+    # all's sweep complete: progressive plans every seed (0 included) at all's choice; progressive-fixed waits
+    for rate, loss in zip(rates, (2.0, 1.0)):
+        _unit(tmp_path, "python-stdlib", "all", rate, 0, loss)
+    plan = planned_units(config, tmp_path)
+    assert [u for u in plan if u[1] == "progressive"] == [
+        ("python-stdlib", "progressive", rates[1], s) for s in (0, 1)
+    ]
+    assert not [u for u in plan if u[1] in ("progressive-fixed", "contiguous+cache", "truncation+cache")]
+    # the sweeping arms' units keep their places: the shared-rate arms come after them
+    first_shared = min(i for i, u in enumerate(plan) if rate_source(u[1]) is not None)
+    assert all(rate_source(u[1]) is None for u in plan[:first_shared])
+    assert all(rate_source(u[1]) is not None for u in plan[first_shared:])
+    # progressive's seed-0 unit done: progressive-fixed's seed 0 only
+    _unit(tmp_path, "python-stdlib", "progressive", rates[1], 0, 1.0)
+    plan = planned_units(config, tmp_path)
+    assert [u for u in plan if u[1] == "progressive-fixed"] == [("python-stdlib", "progressive-fixed", rates[1], 0)]
+    # a finished contiguous sweep: its cached arm at contiguous's argmin, every seed
+    for rate, loss in zip(rates, (1.0, 3.0)):
+        _unit(tmp_path, "python-stdlib", "contiguous", rate, 0, loss)
+    plan = planned_units(config, tmp_path)
+    assert [u for u in plan if u[1] == "contiguous+cache"] == [
+        ("python-stdlib", "contiguous+cache", rates[0], s) for s in (0, 1)
+    ]
+    assert RATE_FROM["contiguous+cache"] == "contiguous" and AFTER["progressive-fixed"] == "progressive"
+
+
+def test_registering_an_arm_checks_where_its_rate_comes_from():
+    before = (dict(ARMS), dict(RATE_FROM), dict(AFTER))
+    fn = ARMS["all"]
+    with pytest.raises(ValueError, match="rate_from='nope' must name another registered arm"):
+        register_arm("x", fn, rate_from="nope")
+    with pytest.raises(ValueError, match="after='progressive' takes its rate from 'all', not 'score'"):
+        register_arm("x", fn, rate_from="score", after="progressive")
+    with pytest.raises(ValueError, match="goes round in a circle"):
+        register_arm("all", fn, rate_from="progressive")
+    assert (ARMS, RATE_FROM, AFTER) == before  # nothing registered by a refused call
+
+
+@pytest.fixture
+def freezing_run(tmp_path, monkeypatch):
+    """all, progressive and progressive-fixed with a rule that freezes at its first decision; every call of
+    drop_from_optimizer recorded with the parameters' values at that moment."""
+    monkeypatch.setattr(freeze, "settled_prefix", lambda previous, current, frozen, limit: max(frozen, limit))
+    dropped = []
+    real = freeze.drop_from_optimizer
+
+    def recording(optimizer, params):
+        dropped.append((optimizer, [(p, p.detach().clone()) for p in params]))
+        return real(optimizer, params)
+
+    monkeypatch.setattr(freeze, "drop_from_optimizer", recording)
+    config = _quick(tasks=["python-stdlib"], arms=["all", "progressive", "progressive-fixed"], learning_rates=[0.004])
+    summary = run_protocol(config, tmp_path)
+    root = tmp_path / config.name
+    units = {a: json.loads(unit_path(root, "python-stdlib", a, 0.004, 0).read_text()) for a in config.arms}
+    return {"config": config, "summary": summary, "units": units, "dropped": dropped}
+
+
+def test_progressive_freezes_and_frozen_adapters_stay_bit_identical_out_of_the_optimizer(freezing_run):
+    config, unit, base = freezing_run["config"], freezing_run["units"]["progressive"], freezing_run["units"]["all"]
+    every, limit = config.freeze_every, freeze.max_frozen(config.tiny_layers, config.max_frozen_pct)
+    assert limit == 2
+    record = unit["freeze"]
+    # the first decision comes after the second interval (the rule compares two)
+    assert record["rule"] == "gradient" and record["frozen_at"] == {"0": 2 * every, "1": 2 * every}
+    assert record["timeline"][-1] == {"step": 2 * every, "lowest_trainable": 2, "frozen": [0, 1]}
+    assert record["frozen_unchanged"] and record["frozen_out_of_optimizer"] and not record["frozen_still_trainable"]
+    assert record["trainable_parameters_end"] == unit["trainable_parameters"] // 2
+    # it starts as all-layer LoRA at all's rate: the same losses until the freeze
+    assert unit["learning_rate"] == base["learning_rate"] and unit["rate_from"] == "all"
+    assert unit["train_losses"][: 2 * every] == base["train_losses"][: 2 * every]
+    # checked from outside too: what left the optimizer never changed again and holds no state there
+    optimizer, params = freezing_run["dropped"][0]
+    assert params
+    in_groups = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for p, at_freeze in params:
+        assert torch.equal(p, at_freeze) and not p.requires_grad and p.grad is None
+        assert id(p) not in in_groups and p not in optimizer.state
+
+
+def test_progressive_fixed_freezes_as_many_blocks_on_its_schedule(freezing_run):
+    unit, progressive = freezing_run["units"]["progressive-fixed"], freezing_run["units"]["progressive"]
+    record, steps = unit["freeze"], unit["steps"]
+    count = len(progressive["freeze"]["frozen_at"])
+    assert record["rule"] == "fixed" and record["count_from"] == {"arm": "progressive", "frozen": count}
+    assert record["schedule"] == [{"block": b, "step": s} for b, s in enumerate(fixed_schedule(count, steps))]
+    assert record["frozen_at"] == {str(b): s for b, s in enumerate(fixed_schedule(count, steps))}
+    assert record["frozen_unchanged"] and record["frozen_out_of_optimizer"] and not record["frozen_still_trainable"]
+    optimizer, params = freezing_run["dropped"][-1]  # the control's last freeze
+    for p, at_freeze in params:
+        assert torch.equal(p, at_freeze) and not p.requires_grad
+        assert p not in optimizer.state
+    # the summary and the page show the timelines
+    seeds = freezing_run["summary"]["tasks"]["python-stdlib"]["arms"]["progressive-fixed"]["seeds"]
+    assert seeds[0]["frozen_at"] == record["frozen_at"]
+    assert fixed_schedule(2, 18) == [6, 12] and fixed_schedule(3, 48) == [12, 24, 36] and fixed_schedule(0, 60) == []
+    assert fixed_schedule(1, 1) == [1]  # never before the first step
+
+
+def test_a_rerun_skips_finished_units_of_the_new_arms_and_retrains_lost_ones(quick_run, tmp_path):
+    out, config = tmp_path / "copy", quick_run["config"]
+    shutil.copytree(quick_run["out"], out)
+    root, task = out / config.name, config.tasks[0]
+    rate = quick_run["summary"]["tasks"][task]["arms"]["all"]["learning_rate"]
+    lost = [unit_path(root, task, arm, rate, config.seeds[0]) for arm in ("progressive", "progressive-fixed")]
+    fixed_before = json.loads(lost[1].read_text())["freeze"]["frozen_at"]
+    for path in lost:
+        path.unlink()
+    summary = run_protocol(config, out, max_units=1)  # progressive first; the control waits for it
+    assert summary["units_trained_now"] == 1 and lost[0].is_file() and not lost[1].exists()
+    assert summary["missing_units"] == [str(lost[1].relative_to(root))]
+    summary = run_protocol(config, out)
+    assert summary["units_trained_now"] == 1 and summary["complete"]
+    assert json.loads(lost[1].read_text())["freeze"]["frozen_at"] == fixed_before
+    assert run_protocol(config, out)["units_trained_now"] == 0
+
+
+def test_batches_carry_their_row_ids_only_on_request():
+    from aletheia_lora.bench.workload import Batches
+    from aletheia_lora.prefix_cache import ROW_IDS
+
+    rows = [{"input_ids": [10 + i] * (3 + i % 2)} for i in range(10)]
+    cpu = torch.device("cpu")
+    plain, indexed = Batches(rows, 3, 5, 0, cpu), Batches(rows, 3, 5, 0, cpu, row_ids=True)
+    for step in range(7):  # over two epochs
+        a, b = plain(step), indexed(step)
+        assert ROW_IDS not in a and set(b) == {*a, ROW_IDS}
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert b[ROW_IDS].dtype == torch.long and (a["input_ids"][:, 0] - 10).tolist() == b[ROW_IDS].tolist()

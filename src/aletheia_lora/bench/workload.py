@@ -15,6 +15,7 @@ from torch import nn
 from aletheia_lora.bench.config import TINY_MODEL, BenchConfig
 from aletheia_lora.data import DataConfig, build_datasets, pad_collate
 from aletheia_lora.models import ModelConfig
+from aletheia_lora.prefix_cache import ROW_IDS
 from aletheia_lora.train import prepare_lora_model
 
 logger = logging.getLogger(__name__)
@@ -95,12 +96,26 @@ def load_workload(config: BenchConfig, device: torch.device) -> tuple[nn.Module,
 
 
 class Batches:
-    """Training batch ``i`` for step ``i``: the same for every arm. Rows go in seeded epoch permutations."""
+    """Training batch ``i`` for step ``i``: the same for every arm. Rows go in seeded epoch permutations.
 
-    def __init__(self, rows: list, batch_size: int, seed: int, pad_token_id: int, device: torch.device) -> None:
+    With ``row_ids``, each batch also carries the indices of its rows in ``rows`` as a long tensor (on the CPU) under
+    :data:`aletheia_lora.prefix_cache.ROW_IDS`, for a prefix cache built over ``rows``; the other tensors are the same.
+    """
+
+    def __init__(
+        self,
+        rows: list,
+        batch_size: int,
+        seed: int,
+        pad_token_id: int,
+        device: torch.device,
+        *,
+        row_ids: bool = False,
+    ) -> None:
         if not rows:
             raise ValueError("the training data is empty")
         self.rows, self.batch_size, self.seed, self.pad, self.device = rows, batch_size, seed, pad_token_id, device
+        self.row_ids = row_ids
         self._order: list[int] = []
         self._epochs = 0
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
@@ -112,8 +127,12 @@ class Batches:
                 rng = np.random.default_rng([self.seed, self._epochs])
                 self._order.extend(rng.permutation(len(self.rows)).tolist())
                 self._epochs += 1
-            picked = [self.rows[j] for j in self._order[index * self.batch_size : end]]
-            self._cache[index] = {k: v.to(self.device) for k, v in pad_collate(picked, self.pad).items()}
+            indices = self._order[index * self.batch_size : end]
+            picked = [self.rows[j] for j in indices]
+            batch = {k: v.to(self.device) for k, v in pad_collate(picked, self.pad).items()}
+            if self.row_ids:
+                batch[ROW_IDS] = torch.tensor(indices, dtype=torch.long)  # the cache reads them on the CPU
+            self._cache[index] = batch
         return self._cache[index]
 
 

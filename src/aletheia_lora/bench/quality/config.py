@@ -61,14 +61,39 @@ class QualityConfig:
             "param-matched",
             "random",
             "random-above",
+            "contiguous+cache",
+            "truncation+cache",
+            "progressive",
+            "progressive-fixed",
         ],
-        metadata={"help": "Arms by registered name (aletheia_lora.bench.quality.arms.ARMS); 'all' is required."},
+        metadata={
+            "help": "Arms by registered name (aletheia_lora.bench.quality.arms.ARMS); 'all' is required, and so is "
+            "the arm an arm takes its rate from (contiguous+cache: contiguous) or runs after (progressive-fixed: "
+            "progressive). New arms go at the end, so the units of the others keep their place in the plan."
+        },
     )
     top_pct: float = field(default=50.0, metadata={"help": "Share of blocks the selective arms adapt."})
     r: int = field(default=8, metadata={"help": "LoRA rank of the uniform arms."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha at rank r (other ranks keep alpha/r)."})
     paper_attention_r: int = field(default=16, metadata={"help": "paper arm: attention rank."})
     paper_mlp_r: int = field(default=64, metadata={"help": "paper arm: MLP rank."})
+    freeze_every: int = field(
+        default=6,
+        metadata={
+            "help": "progressive arm: steps per interval of the freezing rule (aletheia_lora.freeze). Its default "
+            "for --strategy progressive, 20, is sized for ~200-step runs (freezes seen at steps 60-100 of 200); the "
+            "protocol's runs are ~50-60 steps, so 20 x 60 / 200 = 6: the first freeze can come at step 12 (the rule "
+            "compares two intervals) and a run has 8-10 decisions."
+        },
+    )
+    max_frozen_pct: float = field(
+        default=50.0,
+        metadata={
+            "help": "progressive arm: the most of the blocks that may be frozen, in percent (rounded down). The "
+            "default of --strategy progressive, 50: a share of the blocks, so it does not scale with the run's "
+            "length."
+        },
+    )
     loraplus: bool = field(default=False, metadata={"help": "LoRA+ (PEFT create_loraplus_optimizer)."})
     loraplus_lr_ratio: float = field(default=16.0, metadata={"help": "LoRA+: B's rate over A's."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
@@ -88,7 +113,7 @@ class QualityConfig:
             "tiny_layers", "tiny_hidden", "max_length", "train_chars", "held_chars", "train_dialogues",
             "held_dialogues", "max_turns", "max_doc_chars", "validation_rows", "test_rows", "general_rows",
             "batch_size", "epochs", "eval_steps", "eval_batch_size", "r", "paper_attention_r", "paper_mlp_r",
-            "probe_batches", "probe_batch_size",
+            "probe_batches", "probe_batch_size", "freeze_every",
         }  # fmt: skip
         for name in ints | {"threads"}:
             value = getattr(self, name)
@@ -97,7 +122,7 @@ class QualityConfig:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{_flag(name)} must be an integer >= 1, got {value!r}")
         for name in ("warmup_ratio", "top_pct", "lora_alpha", "loraplus_lr_ratio", "weight_decay", "max_grad_norm",
-                     "bounded_share"):  # fmt: skip
+                     "bounded_share", "max_frozen_pct"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value!r}")
@@ -109,6 +134,8 @@ class QualityConfig:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not 1 <= self.top_pct < 100:
             raise ValueError(f"--top-pct must be in [1, 100), got {self.top_pct!r}")
+        if self.max_frozen_pct > 100:
+            raise ValueError(f"--max-frozen-pct must be at most 100, got {self.max_frozen_pct!r}")
         if not 0 < self.bounded_share <= 1:
             raise ValueError(f"--bounded-share must be in (0, 1], got {self.bounded_share!r}")
         if self.model == TINY_MODEL and self.tiny_hidden % 4:
@@ -118,7 +145,8 @@ class QualityConfig:
         self._check_lists()
 
     def _check_lists(self) -> None:
-        from aletheia_lora.bench.quality.arms import ARMS  # the registry: arms added later are valid names
+        # the registry: arms added later are valid names
+        from aletheia_lora.bench.quality.arms import AFTER, ARMS, rate_source
 
         for name, allowed in (("tasks", TASKS), ("arms", tuple(ARMS))):
             values = getattr(self, name)
@@ -132,6 +160,12 @@ class QualityConfig:
             setattr(self, name, list(values))
         if "all" not in self.arms:
             raise ValueError("--arms must include 'all': time to quality is taken against LoRA on every block")
+        for arm in self.arms:
+            source, after = rate_source(arm), AFTER.get(arm)
+            if source is not None and source not in self.arms:
+                raise ValueError(f"--arms: {arm!r} trains at the learning rate {source!r} chose; list {source!r} too")
+            if after is not None and after not in self.arms:
+                raise ValueError(f"--arms: {arm!r} runs after {after!r} and reads its units; list {after!r} too")
         rates = self.learning_rates
         if (
             not isinstance(rates, (list, tuple))

@@ -1,6 +1,8 @@
 """Running the protocol unit by unit: the learning-rate sweep on the first seed, then the other seeds at each
-arm's chosen rate. A finished unit's JSON is written atomically and skipped on a rerun, so a stopped run continues
-where it stopped; the summary and the page are made from the unit files alone."""
+arm's chosen rate; an arm registered with ``rate_from`` runs every seed at its source's chosen rate once that sweep
+is complete, and one registered with ``after`` runs each unit once the other arm's unit of the same task, rate and
+seed exists. A finished unit's JSON is written atomically and skipped on a rerun, so a stopped run continues where
+it stopped; the summary and the page are made from the unit files alone."""
 
 from __future__ import annotations
 
@@ -15,10 +17,10 @@ from pathlib import Path
 import torch
 
 from aletheia_lora.bench.measure import machine_info
-from aletheia_lora.bench.quality.arms import ARMS, ArmContext
+from aletheia_lora.bench.quality.arms import AFTER, ARMS, ArmContext, rate_source
 from aletheia_lora.bench.quality.config import QualityConfig
 from aletheia_lora.bench.quality.render import render_quality
-from aletheia_lora.bench.quality.summary import choose_rate, rate_key, read_unit, summarize, unit_path
+from aletheia_lora.bench.quality.summary import choose_rate, rate_key, read_unit, shared_rate, summarize, unit_path
 from aletheia_lora.bench.quality.tasks import TaskData, load_base, load_task
 from aletheia_lora.bench.quality.unit import run_unit
 from aletheia_lora.evaluation import evaluate_loss
@@ -99,17 +101,34 @@ class _Session:
         t = self.tasks[task]
         choice = ARMS[arm](t.context, seed)
         logger.info("unit %s / %s / lr %s / seed %d: blocks %s", task, arm, rate_key(rate), seed, choice.layers)
+        after = None
+        if arm in AFTER:
+            after = read_unit(unit_path(self.root, task, AFTER[arm], rate, seed))
+            if after is None:
+                raise RuntimeError(f"unit {task} / {arm} / lr {rate_key(rate)} / seed {seed} runs after "
+                                   f"{AFTER[arm]}'s unit of the same rate and seed, which has not run")  # fmt: skip
         torch.manual_seed(seed)
-        return run_unit(self.base, t.data, choice, arm=arm, rate=rate, seed=seed, config=self.config,
-                        device=self.device, base_losses=t.base_losses)  # fmt: skip
+        record = run_unit(self.base, t.data, choice, arm=arm, rate=rate, seed=seed, config=self.config,
+                          device=self.device, base_losses=t.base_losses, after=after)  # fmt: skip
+        if rate_source(arm) is not None:
+            record["rate_from"] = rate_source(arm)
+        return record
 
 
 def planned_units(config: QualityConfig, root: Path) -> list[tuple[str, str, float, int]]:
-    """The units that can run now, in order: the sweep (every arm x rate on the first seed), then the other seeds
-    at each arm's chosen rate once its sweep is complete (run the protocol again after the sweep to plan them)."""
+    """The units that can run now, in order: per task and arm (in the config's order), the sweep (every rate on the
+    first seed), then the other seeds at the arm's chosen rate once its sweep is complete.
+
+    The arms registered with ``rate_from`` come after those of every task (so adding one leaves the other units'
+    places in the plan as they were): no sweep, every seed at the source arm's chosen rate once that sweep is
+    complete; with ``after``, a unit only once the other arm's unit of the same task, rate and seed exists. Units
+    that wait are planned by a later call (:func:`run_protocol` plans again until a pass trains nothing).
+    """
     units = []
     for task in config.tasks:
         for arm in config.arms:
+            if rate_source(arm) is not None:
+                continue
             sweep = {}
             for rate in config.learning_rates:
                 units.append((task, arm, rate, config.seeds[0]))
@@ -118,6 +137,15 @@ def planned_units(config: QualityConfig, root: Path) -> list[tuple[str, str, flo
             if all(v is not None for v in sweep.values()):
                 chosen = choose_rate(sweep)
                 units.extend((task, arm, chosen, seed) for seed in config.seeds[1:])
+    for task in config.tasks:
+        for arm in config.arms:
+            if rate_source(arm) is None:
+                continue
+            chosen, _ = shared_rate(config, root, task, arm)
+            for seed in config.seeds if chosen is not None else []:
+                if arm in AFTER and not unit_path(root, task, AFTER[arm], chosen, seed).is_file():
+                    continue
+                units.append((task, arm, chosen, seed))
     return units
 
 
@@ -160,18 +188,24 @@ def run_protocol(
     started = time.perf_counter()
     session: _Session | None = None
     trained = 0
-    for _ in range(2):  # the second pass plans the seeds of the sweeps the first pass completed
+    stopped = False
+    # each pass plans what the units before it made possible (the seeds after a sweep, the units that wait for
+    # another arm's); a pass that trains nothing ends the run
+    while not stopped:
+        before = trained
         for task, arm, rate, seed in planned_units(config, root):
             path = unit_path(root, task, arm, rate, seed)
             if path.is_file():
                 continue
             if max_units is not None and trained >= max_units:
+                stopped = True
                 break
             session = session or _Session(config, root)
             record = session.train(task, arm, rate, seed)
             record["config"] = asdict(config)
             _write(path, record)
             trained += 1
+        stopped = stopped or trained == before
     summary = summarize(config, root)
     summary.update(
         command=command or f"run_protocol(QualityConfig.from_file(...), {str(out_dir)!r})",

@@ -52,6 +52,38 @@ def gap_lines(summary: dict) -> list[str]:
     return lines
 
 
+def _rate(arm: dict) -> str:
+    rate = _num(arm["learning_rate"], "g")
+    return f"{rate} (= {arm['rate_from']})" if arm.get("rate_from") else rate
+
+
+def extra_lines(entry: dict) -> list[str]:
+    """What the arms without a sweep add: where their rate comes from, the freezing timelines, the cache builds."""
+    arms = entry["arms"]
+    shared = [(name, arm["rate_from"]) for name, arm in arms.items() if arm.get("rate_from")]
+    if not shared:
+        return []
+    lines = [
+        "No sweep for "
+        + ", ".join(f"`{name}` (the rate `{source}` chose)" for name, source in shared)
+        + ": prefix caching changes no loss, only time, and progressive freezing starts as LoRA on every block; "
+        "they train every seed at that rate. A cached arm's clock includes the cache's build, charged at step 0.",
+        "",
+    ]
+    for name, arm in arms.items():
+        seeds = arm["seeds"]
+        if any("frozen_at" in s for s in seeds):
+            per_seed = "; ".join(
+                f"seed {s['seed']}: " + (", ".join(f"{b}@{step}" for b, step in s["frozen_at"].items()) or "none")
+                for s in seeds
+            )
+            lines.append(f"- `{name}` froze (block@step): {per_seed}")
+        if any("cache_build_seconds" in s for s in seeds):
+            built = " / ".join(f"{s['cache_build_seconds']:.2f}" for s in seeds)
+            lines.append(f"- `{name}` built its prefix cache in {built} s (per seed)")
+    return lines + [""]
+
+
 def task_table(task: str, entry: dict) -> list[str]:
     """The verdict table of one task: every arm at its chosen rate, mean ± sd over the seeds."""
     rows = [
@@ -64,17 +96,19 @@ def task_table(task: str, entry: dict) -> list[str]:
     for name, arm in entry["arms"].items():
         s = arm["summary"]
         rows.append(
-            f"| {name} | {_num(arm['learning_rate'], 'g')} | {_spread(s['test_loss'])} | "
+            f"| {name} | {_rate(arm)} | {_spread(s['test_loss'])} | "
             f"{_spread(s['equal_time_test_loss_vs_all'], '.3f')} | {_ratios(arm['seeds'], 'time_to_all_quality')} | "
             f"{_ratios(arm['seeds'], 'time_to_bounded_quality')} | {_spread(s['step_speedup'], '.2f')} | "
             f"{_spread(s['forgetting'], '+.4f')} | {_spread(s['first_step_peak_mb'], '.0f')} | "
             f"{'-' if arm['beats_all'] is None else 'yes' if arm['beats_all'] else 'no'} |"
         )
+    rows += [""] + extra_lines(entry)
     rates = sorted({k for arm in entry["arms"].values() for k in arm["sweep"]}, key=float)
-    rows += ["", f"Validation loss by learning rate ({task}; each arm's chosen rate is its lowest):", "",
+    rows += [f"Validation loss by learning rate ({task}; each arm's chosen rate is its lowest):", "",
              "| arm | " + " | ".join(rates) + " |", "|---|" + "---|" * len(rates)]  # fmt: skip
     for name, arm in entry["arms"].items():
-        rows.append(f"| {name} | " + " | ".join(_num(arm["sweep"].get(r)) for r in rates) + " |")
+        if not arm.get("rate_from"):  # the others have no sweep of their own
+            rows.append(f"| {name} | " + " | ".join(_num(arm["sweep"].get(r)) for r in rates) + " |")
     return rows + [""]
 
 
@@ -117,7 +151,8 @@ def plot_task(task: str, entry: dict, folder: Path, name: str) -> list[str]:
             xs = [p["seconds"] for p in curve]
             ys = [p["test_loss"] for p in curve]
             sd = [p["test_loss_sd"] for p in curve]
-            left.plot(xs, ys, label=arm)
+            # dashed: the arms that share another arm's rate (their colours repeat after the first ten arms)
+            left.plot(xs, ys, label=arm, linestyle="--" if data.get("rate_from") else "-")
             left.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], alpha=0.15)
         points = [(float(k), v) for k, v in data["sweep"].items() if v is not None]
         if points:

@@ -1,5 +1,9 @@
 """The protocol's summary, computed from the unit files alone: each arm's rate chosen on validation, its test
-losses per seed, and its time to all-layer LoRA's quality, read off the units' curves."""
+losses per seed, and its time to all-layer LoRA's quality, read off the units' curves.
+
+An arm registered with ``rate_from`` (:func:`~aletheia_lora.bench.quality.arms.rate_source`) has no sweep: its entry
+shows the rate its source chose, ``rate_from`` (the source) and ``sweep: {}``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aletheia_lora.bench.analysis import interpolate_loss, interpolate_time
+from aletheia_lora.bench.quality.arms import rate_source
 from aletheia_lora.checks import read_data_file
 from aletheia_lora.select import SelectConfig
 
@@ -38,6 +43,23 @@ def choose_rate(sweep: dict[str, float | None]) -> float | None:
     """The validation argmin of a sweep (rate key -> validation loss); ties go to the lower rate. None if empty."""
     done = [(loss, float(key)) for key, loss in sweep.items() if loss is not None and math.isfinite(loss)]
     return min(done)[1] if done else None
+
+
+def sweep_losses(config: Any, root: Path, task: str, arm: str) -> dict[str, float | None]:
+    """``arm``'s sweep on the first seed: rate key -> validation loss (None: that unit has not run)."""
+    sweep = {}
+    for rate in config.learning_rates:
+        unit = read_unit(unit_path(root, task, arm, rate, config.seeds[0]))
+        sweep[rate_key(rate)] = None if unit is None else unit["validation_loss"]
+    return sweep
+
+
+def shared_rate(config: Any, root: Path, task: str, arm: str) -> tuple[float | None, bool]:
+    """The rate an arm registered with ``rate_from`` trains at (None until its source's sweep is complete), and
+    whether that sweep is complete."""
+    sweep = sweep_losses(config, root, task, rate_source(arm))
+    complete = all(v is not None for v in sweep.values())
+    return (choose_rate(sweep) if complete else None), complete
 
 
 def _stats(values: list[float | None]) -> dict:
@@ -94,6 +116,11 @@ def _seed_record(unit: dict, ref: dict | None) -> dict:
         "equal_time_test_loss_vs_all": None,
         "step_speedup": None,
     }
+    # only units of the arms that have them carry these (the older arms' records stay as they were)
+    if "freeze" in unit:
+        record["frozen_at"] = unit["freeze"]["frozen_at"]
+    if "cache_build_seconds" in unit:
+        record["cache_build_seconds"] = unit["cache_build_seconds"]
     if ref is None:
         return record
     all_seconds = ref["train_seconds"]
@@ -149,6 +176,17 @@ def summarize(config: Any, root: Path) -> dict:
     for task in config.tasks:
         arms: dict[str, dict] = {}
         for arm in config.arms:
+            source = rate_source(arm)
+            if source is not None:  # no sweep: every seed at the rate its source chose
+                chosen, complete = shared_rate(config, root, task, arm)
+                units = []
+                for seed in config.seeds if chosen is not None else []:
+                    path = unit_path(root, task, arm, chosen, seed)
+                    unit = read_unit(path)
+                    units.append(unit) if unit is not None else missing.append(str(path.relative_to(root)))
+                arms[arm] = {"learning_rate": chosen, "rate_from": source, "sweep": {}, "sweep_complete": complete,
+                             "units": units}  # fmt: skip
+                continue
             sweep = {}
             for rate in config.learning_rates:
                 unit = read_unit(unit_path(root, task, arm, rate, config.seeds[0]))
