@@ -34,18 +34,18 @@ from transformers import TrainerCallback
 from aletheia_lora.checks import check_bool, check_choice, check_int
 from aletheia_lora.data import IGNORE_INDEX, conversation_tokens
 from aletheia_lora.data.chat import normalize_messages
+from aletheia_lora.depth import (
+    EMBEDDINGS,
+    BackwardDepthMonitor,
+    count_input_require_grads_hooks,
+    remove_input_require_grads_hooks,
+)
 from aletheia_lora.layers import DecoderStack, find_decoder_stack, unwrap_model
 from aletheia_lora.plan import DEFAULT_SEQ_LEN, Plan, make_plan
 from aletheia_lora.probe import LayerScores
 from aletheia_lora.ranks import BY, RankAllocation
 from aletheia_lora.select import Selection
-from aletheia_lora.train import (
-    EMBEDDINGS,
-    BackwardDepthMonitor,
-    count_input_require_grads_hooks,
-    prepare_lora_model,
-    remove_input_require_grads_hooks,
-)
+from aletheia_lora.train import prepare_lora_model
 
 logger = logging.getLogger(__name__)
 

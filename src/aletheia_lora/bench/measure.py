@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from aletheia_lora.depth import BackwardDepthMonitor
 from aletheia_lora.models import bundled_cache_dir
-from aletheia_lora.train import BackwardDepthMonitor
 
 MB = 2**20
 PACKAGES = ("torch", "transformers", "peft", "aletheia-lora")

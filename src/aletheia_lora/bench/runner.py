@@ -24,6 +24,8 @@ from aletheia_lora.bench.measure import MB, BackwardTrace, Memory, machine_info,
 from aletheia_lora.bench.render import render_outputs
 from aletheia_lora.bench.workload import Batches, load_workload, lora_copy
 from aletheia_lora.cost import CostModel
+from aletheia_lora.depth import EMBEDDINGS
+from aletheia_lora.evaluation import evaluate_loss
 from aletheia_lora.files import write_json
 from aletheia_lora.layers import DecoderStack, find_decoder_stack
 from aletheia_lora.pipeline import versions
@@ -36,7 +38,6 @@ from aletheia_lora.select import (
     selection_frontier,
     summarize_selection,
 )
-from aletheia_lora.train import EMBEDDINGS, evaluate_loss
 
 logger = logging.getLogger(__name__)
 
