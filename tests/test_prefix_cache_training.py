@@ -106,9 +106,40 @@ def test_run_cache_prefix_end_to_end_and_its_refusals(tiny_checkpoint, tiny_corp
     assert cache["block"] == min(report["selection"]["selected_layers"]) > 0
     assert cache["batches_served"] == report["train"]["steps"] == 4
     capsys.readouterr()
-    refused = tiny_args(tiny_checkpoint, tiny_corpus, tmp_path / "p", *TRAIN, "--strategy", "progressive")
+    refused = tiny_args(tiny_checkpoint, tiny_corpus, tmp_path / "p", *TRAIN, "--reprobe-every", "2")
     assert main(["run", *refused, "--cache-prefix"]) == 2
-    assert "--cache-prefix does not combine with --strategy progressive" in capsys.readouterr().err
+    assert "--cache-prefix does not combine with --reprobe-every" in capsys.readouterr().err
+
+
+def _freeze_one_block_at_a_time(previous, current, frozen, limit):
+    return min(frozen + 1, limit)
+
+
+def test_progressive_freezing_caches_the_prefix_once_it_has_settled_for_an_epoch(tmp_path, monkeypatch):
+    from aletheia_lora import freeze
+    from aletheia_lora.freeze import FreezeCallback
+
+    monkeypatch.setattr(freeze, "settled_prefix", _freeze_one_block_at_a_time)
+    rows = token_rows(16, 16, vary=True)  # 4 steps an epoch
+    runs = {}
+    for cached in (False, True):
+        model = tiny_model("llama", n_layers=4)
+        freezing = FreezeCallback(4, 50)  # decisions every 4 steps: block 0 frozen at 8, block 1 at 12 (the limit)
+        config = TrainConfig(max_steps=20, batch_size=4, logging_steps=1, save_steps=0, progress=False,
+                             learning_rate=1e-3, cache_prefix=cached)  # fmt: skip
+        result = train_lora(model, apply_aletheia_lora(model, [0, 1, 2, 3], r=4, lora_alpha=8), rows, None, config,
+                            output_dir=tmp_path / str(cached), callbacks=[freezing])  # fmt: skip
+        runs[cached] = ([h["loss"] for h in result.log_history if "loss" in h], result, freezing)
+    (plain, _, plain_freezing), (losses, result, freezing) = runs[False], runs[True]
+    assert [t["step"] for t in freezing.timeline] == [t["step"] for t in plain_freezing.timeline] == [0, 8, 12]
+    assert losses == pytest.approx(plain, abs=1e-6)  # the cache changes no number
+    summary = result.prefix_cache
+    # blocks 0-1 frozen since step 12: one epoch (4 steps) later the cache is built, and steps 17-20 use it; the
+    # prefix below block 1 (frozen at 8) never stayed for an epoch, since block 1 froze at 12
+    assert summary["progressive"] is True and summary["stable_steps"] == 4
+    assert [(b["step"], b["block"]) for b in summary["builds"]] == [(16, 2)]
+    assert summary["batches_served"] == 4
+    assert not any("forward" in vars(m) for m in result.model.modules())
 
 
 @pytest.mark.slow

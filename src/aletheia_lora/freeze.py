@@ -27,9 +27,12 @@ each checkpoint folder. A resumed run must freeze those blocks *before* the Trai
 saved optimizer state matches it: :func:`~aletheia_lora.train.train_lora` calls :meth:`FreezeCallback.restore`;
 with a Trainer of your own, call it yourself before ``trainer.train(resume_from_checkpoint=...)``.
 
-**Seam for a prefix cache**: :attr:`FreezeCallback.prefix_stable_since` is the step from which the frozen prefix
-(blocks below :attr:`FreezeCallback.lowest_trainable`) has not changed, and callables in ``on_freeze`` are called
-with ``(step, frozen_blocks)`` at each freeze; a cache of the frozen prefix's outputs may start from there.
+**With the prefix cache** (``--cache-prefix``, :class:`FrozenPrefixCache`): once the frozen prefix (blocks below
+:attr:`FreezeCallback.lowest_trainable`) has not changed for an epoch (:attr:`FreezeCallback.prefix_stable_since`),
+its output is cached (:class:`~aletheia_lora.prefix_cache.PrefixCache`) and later steps skip it; a later freeze
+keeps that cache (still exact: the blocks below it did not change) until the new prefix has been stable for an
+epoch too, then builds the cache at the new boundary. Callables in ``on_freeze`` are called with
+``(step, frozen_blocks)`` at each freeze.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from aletheia_lora.checks import check_int, check_number, read_data_file, valida
 from aletheia_lora.distributed import collective_device, is_distributed, world_size
 from aletheia_lora.files import write_json
 from aletheia_lora.layers import DecoderStack, find_decoder_stack
+from aletheia_lora.prefix_cache import PrefixCache, check_cacheable, strip_row_ids
 from aletheia_lora.reprobe import _adapter_modules, _adapter_parameters, set_trainable_layers, uncovered_layers
 
 logger = logging.getLogger(__name__)
@@ -363,3 +367,88 @@ class FreezeCallback(TrainerCallback):
         )
         for hook in self.on_freeze:
             hook(step, frozen_now)
+
+
+class FrozenPrefixCache(TrainerCallback):
+    """Progressive freezing with ``--cache-prefix``: the frozen prefix is cached once it has been stable for
+    ``stable_steps`` optimizer steps (default: an epoch), and rebuilt higher after later freezes (see the module).
+
+    The training rows must carry their row ids (:func:`~aletheia_lora.prefix_cache.index_rows` and
+    :func:`~aletheia_lora.prefix_cache.row_id_collator`); until a cache exists the ids are dropped before the forward.
+
+    Args:
+        freezing: The run's :class:`FreezeCallback` (listed before this callback).
+        rows: The training rows, un-indexed, in the order their ids refer to.
+        stable_steps: Steps the prefix must stay unchanged before it is cached (None: one epoch, from the Trainer's
+            dataloader and gradient accumulation).
+        build: Keyword arguments of :meth:`PrefixCache.for_run` (``output_dir``, ``pad_token_id``, ``budget_gib``...).
+    """
+
+    def __init__(self, freezing: FreezeCallback, rows, *, stable_steps: int | None = None, **build) -> None:
+        self.freezing, self.rows, self.build = freezing, rows, build
+        self.stable_steps = None if stable_steps is None else check_int("stable_steps", stable_steps, minimum=1)
+        self.cache: PrefixCache | None = None
+        self.builds: list[dict] = []  # {"step", "block", "build_seconds"} per cache built
+        self.hits = 0  # batches served by earlier caches (the current one counts its own)
+        self._model: nn.Module | None = None
+        self._strip = None
+        self._attached = None
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        self._model = model
+        self._strip = strip_row_ids(model)
+        if self.stable_steps is None:
+            batches = len(train_dataloader) if train_dataloader is not None else 1
+            accumulation = getattr(args, "gradient_accumulation_steps", 1) or 1
+            self.stable_steps = max(1, math.ceil(batches / accumulation))
+        # refused now rather than after an epoch: anything random in the blocks that may freeze (LoRA dropout too)
+        limit = max_frozen(len(self.freezing.blocks), self.freezing.max_frozen_pct)
+        if limit:
+            top = self.freezing.blocks[limit - 1] + 1
+            for module in [m for b in self.freezing._stack.blocks[:top] for m in b.modules()]:
+                if isinstance(module, nn.Dropout) and module.p > 0:
+                    raise ValueError(
+                        f"--cache-prefix with --strategy progressive: a dropout of p={module.p:g} runs in the "
+                        "blocks that may freeze; set --lora-dropout (and the model's dropout) to 0"
+                    )
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        block = self.freezing.lowest_trainable
+        if not block or (self.cache is not None and self.cache.block == block):
+            return
+        if state.global_step - self.freezing.prefix_stable_since < self.stable_steps:
+            return
+        check_cacheable(self._model, block, self.freezing._stack)
+        self._release()
+        self.cache = PrefixCache.for_run(self._model, self.rows, stack=self.freezing._stack, **self.build)
+        self._attached = self.cache.attach(self._model)
+        self._attached.__enter__()
+        self.builds.append(
+            {"step": state.global_step, "block": block, "build_seconds": round(self.cache.build_seconds, 3)}
+        )
+        logger.info("step %d: blocks below %d cached; later steps skip them", state.global_step, block)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def _release(self) -> None:
+        if self._attached is not None:
+            self._attached.__exit__(None, None, None)
+            self._attached = None
+        if self.cache is not None:
+            self.hits += self.cache.hits
+            self.cache.close(keep=False)
+            self.cache = None
+
+    def close(self) -> None:
+        """Detach and drop the cache and the row-id hook (idempotent; also after a failed run)."""
+        self._release()
+        if self._strip is not None:
+            self._strip.remove()
+            self._strip = None
+
+    def summary(self) -> dict:
+        """The report's ``prefix_cache`` part for a progressive run."""
+        current = self.cache.hits if self.cache is not None else 0
+        return {"progressive": True, "stable_steps": self.stable_steps, "builds": self.builds,
+                "batches_served": self.hits + current}  # fmt: skip

@@ -23,6 +23,7 @@ from aletheia_lora.data import (
     is_bundled_corpus,
     read_records,
 )
+from aletheia_lora.depth import EMBEDDINGS
 from aletheia_lora.distributed import (
     fail_together,
     fsdp1_units,
@@ -43,7 +44,7 @@ from aletheia_lora.report import REPORT_NAME, summary_table, write_report
 from aletheia_lora.reprobe import ReprobeCallback
 from aletheia_lora.resume import check_resumed_run, run_settings
 from aletheia_lora.select import PROGRESSIVE, SelectConfig, Selection
-from aletheia_lora.train import EMBEDDINGS, TrainConfig, train_lora
+from aletheia_lora.train import TrainConfig, train_lora
 
 logger = logging.getLogger(__name__)
 
@@ -284,11 +285,10 @@ def _check_request(config: RunConfig, layers: list[int] | None, scores_file: str
                 "--strategy progressive does not combine with --rank-allocation scores: it needs no probe scores "
                 "and puts LoRA on every block at one rank"
             )
-    if config.train.cache_prefix and (config.select.strategy == PROGRESSIVE or config.train.reprobe_every):
+    if config.train.cache_prefix and config.train.reprobe_every:
         raise ValueError(
-            f"--cache-prefix does not combine with "
-            f"{'--strategy progressive' if config.select.strategy == PROGRESSIVE else '--reprobe-every'}: the adapted "
-            "blocks move during training, so the blocks below them are not a fixed prefix"
+            "--cache-prefix does not combine with --reprobe-every: re-probing moves the adapted blocks up and down, "
+            "so the blocks below them are not a fixed prefix"
         )
     if config.train.reprobe_every:
         if config.lora.rank_allocation == "scores":

@@ -360,24 +360,16 @@ class PrefixCache:
     # --- using --------------------------------------------------------------------------------------------
 
     def indexed(self, dataset) -> _IndexedRows:
-        """``dataset`` whose rows carry their index under :data:`ROW_IDS`."""
+        """``dataset`` whose rows carry their index under :data:`ROW_IDS` (:func:`index_rows`)."""
         if len(dataset) != len(self.lengths):
             raise ValueError(
                 f"the dataset has {len(dataset)} rows; the prefix cache was built for {len(self.lengths)}"
             )
-        return _IndexedRows(dataset)
+        return index_rows(dataset)
 
     def collator(self, collate: Callable[[list], dict]) -> Callable[[list], dict]:
-        """``collate`` that passes the rows' indices on as a ``ROW_IDS`` tensor in the batch."""
-
-        def with_row_ids(features: list) -> dict:
-            ids = [f[ROW_IDS] if ROW_IDS in f else None for f in features]
-            batch = collate([{k: v for k, v in f.items() if k != ROW_IDS} for f in features])
-            if all(i is not None for i in ids):
-                batch[ROW_IDS] = torch.tensor(ids, dtype=torch.long)
-            return batch
-
-        return with_row_ids
+        """``collate`` that passes the rows' indices on as a ``ROW_IDS`` tensor (:func:`row_id_collator`)."""
+        return row_id_collator(collate)
 
     @contextmanager
     def attach(self, model: nn.Module) -> Iterator[PrefixCache]:
@@ -389,7 +381,8 @@ class PrefixCache:
             raise ValueError("--cache-prefix: a block below the cached prefix's end has become trainable")
         outer = model
         handles = [
-            outer.register_forward_pre_hook(self._take_row_ids, with_kwargs=True),
+            # first among the pre-hooks: a strip_row_ids hook registered earlier must not drop the ids before
+            outer.register_forward_pre_hook(self._take_row_ids, with_kwargs=True, prepend=True),
             outer.register_forward_hook(self._release, always_call=True),
         ]
         skipped = list(self.stack.blocks[: self.block])
@@ -459,6 +452,37 @@ class PrefixCache:
             states[j, :n] = self.states[lo : lo + n].to(hidden.device, hidden.dtype, non_blocking=True)
         self.hits += 1
         return states
+
+
+def index_rows(dataset) -> _IndexedRows:
+    """``dataset`` (indexable) whose rows carry their index under :data:`ROW_IDS`."""
+    return _IndexedRows(dataset)
+
+
+def row_id_collator(collate: Callable[[list], dict]) -> Callable[[list], dict]:
+    """``collate`` that passes the rows' indices on as a ``ROW_IDS`` long tensor in the batch (rows without one,
+    e.g. evaluation rows, give a batch without it)."""
+
+    def with_row_ids(features: list) -> dict:
+        ids = [f[ROW_IDS] if ROW_IDS in f else None for f in features]
+        batch = collate([{k: v for k, v in f.items() if k != ROW_IDS} for f in features])
+        if all(i is not None for i in ids):
+            batch[ROW_IDS] = torch.tensor(ids, dtype=torch.long)
+        return batch
+
+    return with_row_ids
+
+
+def _drop_row_ids(module, args, kwargs):
+    if ROW_IDS not in kwargs:
+        return None
+    return args, {k: v for k, v in kwargs.items() if k != ROW_IDS}
+
+
+def strip_row_ids(model: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Let ``model`` take batches with row ids while no cache is attached (a cache built later, during training):
+    the ids are dropped before its forward. Returns the hook's handle."""
+    return model.register_forward_pre_hook(_drop_row_ids, with_kwargs=True)
 
 
 class _IndexedRows(Sequence):

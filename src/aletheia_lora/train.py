@@ -4,7 +4,9 @@ Autograd stops the backward pass at the lowest block with a trainable parameter;
 selective LoRA's speed comes from. Two common set-ups silently throw it away by making the embeddings'
 output require grad: ``enable_input_require_grads()`` (PEFT's k-bit preparation, transformers'
 checkpointing) and reentrant gradient checkpointing. Here checkpointing is always non-reentrant, every
-input-require-grads hook is removed, and a monitor records how deep each backward pass really went.
+input-require-grads hook is removed, and a monitor records how deep each backward pass really went
+(:mod:`aletheia_lora.depth`). With ``--cache-prefix`` the frozen blocks' forward is skipped too
+(:mod:`aletheia_lora.prefix_cache`).
 Training that diverges stops at once (:class:`TrainingDiverged`); ``--resume`` is checked (:func:`check_resume`).
 The Trainer itself (its evaluation, its console lines, its guard) is set up in :mod:`aletheia_lora.trainer`.
 """
@@ -29,6 +31,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from aletheia_lora.data import pad_collate
+from aletheia_lora.depth import (  # noqa: F401 - EMBEDDINGS and the hook counter are imported from here by callers
+    EMBEDDINGS,
+    BackwardDepthMonitor,
+    count_input_require_grads_hooks,
+    remove_input_require_grads_hooks,
+)
 from aletheia_lora.distributed import DEFAULT_TIMEOUT_S, barrier, on_main_process
 from aletheia_lora.evaluation import evaluate_loss  # noqa: F401 - imported from here by callers since 0.1
 from aletheia_lora.files import (
@@ -38,10 +46,9 @@ from aletheia_lora.files import (
     read_manifest,
     update_manifest,
 )
-from aletheia_lora.freeze import DEFAULT_FREEZE_EVERY, DEFAULT_MAX_FROZEN_PCT, FreezeCallback
-from aletheia_lora.layers import DecoderStack, resolve_stack, unwrap_model
-from aletheia_lora.prefix_cache import PrefixCache
-from aletheia_lora.probe import is_probing
+from aletheia_lora.freeze import DEFAULT_FREEZE_EVERY, DEFAULT_MAX_FROZEN_PCT, FreezeCallback, FrozenPrefixCache
+from aletheia_lora.layers import DecoderStack
+from aletheia_lora.prefix_cache import PrefixCache, index_rows, row_id_collator
 from aletheia_lora.reprobe import ReprobeCallback
 from aletheia_lora.resume import check_resume, rotate_checkpoints
 from aletheia_lora.trainer import (
@@ -55,8 +62,6 @@ from aletheia_lora.trainer import (
 
 logger = logging.getLogger(__name__)
 
-EMBEDDINGS = -1  # "lowest layer reached" when the backward pass ran down into the embeddings
-_INPUT_GRAD_HOOKS = {"make_inputs_require_grads", "make_inputs_require_grad"}
 DEFAULT_MAX_STEPS = 100  # without --max-steps and --num-train-epochs
 # pip packages of the Trainer's integrations whose name is not the integration's
 _INTEGRATION_PACKAGES = {"azure_ml": "azureml-core", "flyte": "flytekit", "kubeflow": "kubeflow"}
@@ -242,38 +247,6 @@ def _check_report_to(value: object) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def remove_input_require_grads_hooks(model: nn.Module) -> int:
-    """Remove every forward hook that makes an embedding output require grad; return how many were removed.
-
-    ``enable_input_require_grads()`` is needed only by reentrant checkpointing; with it, the backward pass
-    runs down to the embeddings whatever layers are adapted. Enabling checkpointing and then wrapping with
-    PEFT registers two such hooks, and one ``disable_input_require_grads()`` removes only one.
-    """
-    removed = 0
-    for module in model.modules():
-        for key, hook in list(module._forward_hooks.items()):
-            if getattr(hook, "__name__", "") in _INPUT_GRAD_HOOKS:
-                del module._forward_hooks[key]
-                removed += 1
-    for wrapper in (model, unwrap_model(model)):
-        # transformers keeps the handle to remove the hook later; it is gone now
-        if hasattr(wrapper, "_require_grads_hook"):
-            try:
-                del wrapper._require_grads_hook
-            except AttributeError:
-                pass
-    return removed
-
-
-def count_input_require_grads_hooks(model: nn.Module) -> int:
-    """How many input-require-grads hooks the model carries."""
-    return sum(
-        getattr(hook, "__name__", "") in _INPUT_GRAD_HOOKS
-        for m in model.modules()
-        for hook in m._forward_hooks.values()
-    )
-
-
 def prepare_lora_model(
     model: nn.Module, lora_config: LoraConfig, *, gradient_checkpointing: bool = False
 ) -> PeftModel:
@@ -310,51 +283,6 @@ def prepare_lora_model(
     peft_model = get_peft_model(model, lora_config)
     remove_input_require_grads_hooks(peft_model)
     return peft_model
-
-
-class BackwardDepthMonitor:
-    """Records the lowest decoder block the backward pass actually reached (``EMBEDDINGS`` = below block 0).
-
-    A tensor hook on each block's output fires only when autograd computes the gradient there, so this
-    measures what happened, not what the configuration suggests. Passes of a gradient probe run meanwhile
-    (re-probing) are not training passes and are left out.
-    """
-
-    def __init__(self, model: nn.Module, stack: DecoderStack | None = None) -> None:
-        self.stack = resolve_stack(model, stack)
-        self.lowest: int | None = None
-        self.recent: int | None = None  # the lowest since the last take()
-        self._handles = []
-
-    def _record(self, index: int) -> None:
-        self.lowest = index if self.lowest is None else min(self.lowest, index)
-        self.recent = index if self.recent is None else min(self.recent, index)
-
-    def take(self) -> int | None:
-        """The lowest block reached since the last call (e.g. in the last step), None if no backward pass ran."""
-        recent, self.recent = self.recent, None
-        return recent
-
-    def _on_output(self, index: int, module: nn.Module, args, output) -> None:
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
-        if not is_probing() and torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-            hidden.register_hook(lambda grad: self._record(index) or grad)
-
-    def _on_first_input(self, module: nn.Module, args, kwargs) -> None:
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if not is_probing() and torch.is_grad_enabled() and isinstance(hidden, torch.Tensor) and hidden.requires_grad:
-            hidden.register_hook(lambda grad: self._record(EMBEDDINGS) or grad)
-
-    def __enter__(self) -> BackwardDepthMonitor:
-        for i, block in enumerate(self.stack.blocks):
-            self._handles.append(block.register_forward_hook(partial(self._on_output, i)))
-        self._handles.append(self.stack.blocks[0].register_forward_pre_hook(self._on_first_input, with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
 
 @dataclass
@@ -529,12 +457,17 @@ def train_lora(
         on_main_process(update_manifest, output_dir, claim=["checkpoints/runs"])
     # Checkpointing is left off in the Trainer's arguments: its own set-up would add an input-grad hook.
     collate = partial(pad_collate, pad_token_id=pad_token_id)
-    cache = None
+    cache = late = None
     if config.cache_prefix:
-        cache = _build_prefix_cache(
-            peft_model, train_dataset, config, args, output_dir, pad_token_id, callbacks, stack
-        )
-        train_dataset, collate = cache.indexed(train_dataset), cache.collator(collate)
+        _refuse_cache(config, args, callbacks)
+        kwargs = _cache_settings(config, output_dir, pad_token_id)
+        freezing = next((c for c in callbacks if isinstance(c, FreezeCallback)), None)
+        if freezing is not None:  # cached once the frozen prefix has settled (freeze.py)
+            late = FrozenPrefixCache(freezing, train_dataset, **kwargs)
+            callbacks = [*callbacks, late]
+        else:
+            cache = PrefixCache.for_run(peft_model, train_dataset, stack=stack, **kwargs)
+        train_dataset, collate = index_rows(train_dataset), row_id_collator(collate)
     trainer_cls, guard = guarded_trainer(config, output_dir, pad_token_id)
     steps = StepLog(on_log, epochs=config.num_train_epochs is not None)
     trainer = trainer_cls(
@@ -575,6 +508,9 @@ def train_lora(
         if cache is not None:
             cache_summary = cache.summary()
             cache.close(keep=config.keep_cache)
+        if late is not None:
+            late.close()
+            cache_summary = late.summary()
     seconds = float(output.metrics.get("train_runtime", 0.0))
     # counted after training: a re-probing run trains a subset of its adapters at a time
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
@@ -609,37 +545,28 @@ def train_lora(
         max_steps=trainer.state.max_steps,
         mean_train_loss=output.training_loss if steps.step_times else None,
         bf16=bf16,
-        prefix_cache=cache_summary if cache is not None else None,
+        prefix_cache=cache_summary if config.cache_prefix else None,
     )
 
 
-def _build_prefix_cache(
-    model: PeftModel,
-    rows,
-    config: TrainConfig,
-    args,
-    output_dir: Path,
-    pad_token_id: int,
-    callbacks: Sequence,
-    stack: DecoderStack | None,
-) -> PrefixCache:
-    """The prefix cache of ``--cache-prefix``, after refusing what it cannot serve exactly."""
-    if config.reprobe_every or any(isinstance(c, (ReprobeCallback, FreezeCallback)) for c in callbacks):
-        what = "--reprobe-every" if config.reprobe_every else "re-probing or progressive freezing"
-        raise ValueError(f"--cache-prefix cannot be combined with {what}: the adapted blocks move during training")
+def _cache_settings(config: TrainConfig, output_dir: Path, pad_token_id: int) -> dict:
+    """:meth:`PrefixCache.for_run`'s settings from ``--cache-*``."""
+    return {
+        "output_dir": output_dir,
+        "pad_token_id": pad_token_id,
+        "batch_size": config.batch_size,
+        "budget_gib": config.cache_budget,
+        "dtype": torch.bfloat16 if config.cache_dtype == "bfloat16" else None,
+        "progress": config.progress,
+    }
+
+
+def _refuse_cache(config: TrainConfig, args, callbacks: Sequence) -> None:
+    """Refuse what the prefix cache cannot serve exactly."""
+    if config.reprobe_every or any(isinstance(c, ReprobeCallback) for c in callbacks):
+        raise ValueError("--cache-prefix cannot be combined with re-probing: the adapted blocks move during training")
     if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
         raise ValueError("--cache-prefix does not work under FSDP (its blocks are sharded in its wrappers); use DDP")
-    return PrefixCache.for_run(
-        model,
-        rows,
-        output_dir=output_dir,
-        pad_token_id=pad_token_id,
-        stack=stack,
-        batch_size=config.batch_size,
-        budget_gib=config.cache_budget,
-        dtype=torch.bfloat16 if config.cache_dtype == "bfloat16" else None,
-        progress=config.progress,
-    )
 
 
 def _floating_dtype(model: nn.Module) -> torch.dtype | None:

@@ -22,7 +22,6 @@ from aletheia_lora.pipeline import RunConfig, run_pipeline
 from aletheia_lora.prefix_cache import PrefixCache
 from aletheia_lora.reprobe import ReprobeCallback, set_trainable_layers
 from aletheia_lora.resume import check_checkpoint_files, check_resume
-from aletheia_lora.select import SelectConfig
 from aletheia_lora.train import TrainConfig
 from error_cases.base import Case, Ctx, Exit2, Raises
 from tiny_models import token_rows
@@ -65,10 +64,10 @@ def _run_config(ctx: Ctx, **lora) -> RunConfig:
     )
 
 
-def _cache_with_progressive(ctx: Ctx) -> None:
+def _cache_with_reprobing(ctx: Ctx) -> None:
     config = _run_config(ctx)
-    config.select = SelectConfig(strategy="progressive")
-    config.train = TrainConfig(max_steps=1, batch_size=2, save_steps=0, progress=False, cache_prefix=True)
+    config.train = TrainConfig(max_steps=1, batch_size=2, save_steps=0, progress=False, cache_prefix=True,
+                               reprobe_every=2)  # fmt: skip
     run_pipeline(config, "o")
 
 
@@ -190,7 +189,7 @@ CASES: list[Case] = [
          _cache_changed_row,
          Raises(ValueError, "--cache-prefix: the tokens of training row 0 differ from those cached; the dataset "
                 "changed after the cache was built")),
-    Case("pipeline-cache-prefix-progressive", "run_pipeline", "--cache-prefix with --strategy progressive",
-         _cache_with_progressive,
-         Raises(ValueError, "--cache-prefix does not combine with --strategy progressive: the adapted blocks move")),
+    Case("pipeline-cache-prefix-reprobe", "run_pipeline", "--cache-prefix with --reprobe-every 2",
+         _cache_with_reprobing,
+         Raises(ValueError, "--cache-prefix does not combine with --reprobe-every: re-probing moves the adapted")),
 ]  # fmt: skip
