@@ -50,7 +50,7 @@ def test_the_quick_run_writes_every_unit_the_summary_and_the_page(quick_run):
     out, config, summary = quick_run["out"], quick_run["config"], quick_run["summary"]
     root = out / config.name
     shared = {"contiguous+cache": "contiguous", "truncation+cache": "truncation", "progressive": "all",
-              "progressive-fixed": "all"}  # fmt: skip
+              "progressive-fixed": "all", "progressive+cache": "all"}  # fmt: skip
     assert set(shared) <= set(config.arms)  # the quick run includes the new arms end to end
     for task in config.tasks:
         for arm in config.arms:
@@ -228,7 +228,8 @@ def test_bad_settings_name_the_flag():
     assert all(b / a == pytest.approx(2) for a, b in zip(full.learning_rates, full.learning_rates[1:]))
     # the arms of the committed units first, in their order: their units keep their places in the plan
     first = ["all", "score", "truncation", "contiguous", "paper", "param-matched", "random", "random-above"]
-    assert full.arms == [*first, "contiguous+cache", "truncation+cache", "progressive", "progressive-fixed"]
+    assert full.arms == [*first, "contiguous+cache", "truncation+cache", "progressive", "progressive-fixed",
+                         "progressive+cache"]  # fmt: skip
     assert full.arms == QualityConfig().arms
     # freeze.py's interval, scaled from its ~200-step runs to the protocol's ~60; its share of blocks as it is
     assert full.freeze_every == QualityConfig().freeze_every == round(freeze.DEFAULT_FREEZE_EVERY * 60 / 200)
@@ -342,7 +343,8 @@ def freezing_run(tmp_path, monkeypatch):
         return real(optimizer, params)
 
     monkeypatch.setattr(freeze, "drop_from_optimizer", recording)
-    config = _quick(tasks=["python-stdlib"], arms=["all", "progressive", "progressive-fixed"], learning_rates=[0.004])
+    config = _quick(tasks=["python-stdlib"], arms=["all", "progressive", "progressive-fixed", "progressive+cache"],
+                    learning_rates=[0.004])  # fmt: skip
     summary = run_protocol(config, tmp_path)
     root = tmp_path / config.name
     units = {a: json.loads(unit_path(root, "python-stdlib", a, 0.004, 0).read_text()) for a in config.arms}
@@ -388,6 +390,19 @@ def test_progressive_fixed_freezes_as_many_blocks_on_its_schedule(freezing_run):
     assert seeds[0]["frozen_at"] == record["frozen_at"]
     assert fixed_schedule(2, 18) == [6, 12] and fixed_schedule(3, 48) == [12, 24, 36] and fixed_schedule(0, 60) == []
     assert fixed_schedule(1, 1) == [1]  # never before the first step
+
+
+def test_progressive_with_the_cache_trains_alike_and_caches_the_settled_prefix(freezing_run):
+    unit, progressive = freezing_run["units"]["progressive+cache"], freezing_run["units"]["progressive"]
+    assert unit["freeze"]["frozen_at"] == progressive["freeze"]["frozen_at"]  # the same decisions
+    assert unit["train_losses"] == pytest.approx(progressive["train_losses"], abs=1e-6)  # the cache changes no number
+    frozen = max(progressive["freeze"]["frozen_at"].values())
+    cached = unit["prefix_cache"]
+    assert cached["progressive"] is True and cached["stable_steps"] == unit["steps_per_epoch"]
+    build_step = frozen + unit["steps_per_epoch"]
+    assert build_step < unit["steps"]  # the quick run is long enough for a build
+    assert [(b["step"], b["block"]) for b in cached["builds"]] == [(build_step, 2)]
+    assert cached["batches_served"] == unit["steps"] - build_step
 
 
 def test_a_rerun_skips_finished_units_of_the_new_arms_and_retrains_lost_ones(quick_run, tmp_path):

@@ -319,11 +319,14 @@ class PrefixCache:
 
     @classmethod
     def for_run(
-        cls, model: nn.Module, rows: Sequence[Mapping], *, output_dir: str | os.PathLike, **kwargs
+        cls, model: nn.Module, rows: Sequence[Mapping], *, output_dir: str | os.PathLike | None, **kwargs
     ) -> PrefixCache:
         """:meth:`build` for a training run writing into ``output_dir``: a memory-mapped cache goes to
         ``OUT/prefix-cache`` (``OUT/prefix-cache/rankR`` per process of a distributed run: each builds the whole
-        cache, see the module's docstring), listed in the folder's manifest before it is written."""
+        cache, see the module's docstring), listed in the folder's manifest before it is written. Without
+        ``output_dir`` the cache stays in memory (over the budget it is refused)."""
+        if output_dir is None:
+            return cls.build(model, rows, **kwargs)
         output_dir = Path(output_dir)
         subs = [f"prefix-cache/rank{r}" for r in range(world_size())] if world_size() > 1 else ["prefix-cache"]
         claims = list(dict.fromkeys(["prefix-cache/", *(f"{sub}/" for sub in subs)]))

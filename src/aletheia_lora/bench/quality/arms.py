@@ -222,6 +222,12 @@ def _progressive(ctx: ArmContext, seed: int) -> ArmChoice:
     return ArmChoice(list(range(ctx.num_layers)), ctx.lora(), {}, rule)
 
 
+def _progressive_cached(ctx: ArmContext, seed: int) -> ArmChoice:
+    # the frozen prefix cached once it has not changed for an epoch, as --strategy progressive --cache-prefix does
+    choice = _progressive(ctx, seed)
+    return ArmChoice(choice.layers, choice.lora, {}, {**choice.training, "prefix_cache": "settled"})
+
+
 def _progressive_fixed(ctx: ArmContext, seed: int) -> ArmChoice:
     # how many blocks, and so when each freezes, comes from the progressive unit it runs after
     return ArmChoice(list(range(ctx.num_layers)), ctx.lora(), {}, {"freeze": "fixed"})
@@ -238,3 +244,4 @@ register_arm("contiguous+cache", _cached("contiguous"), rate_from="contiguous")
 register_arm("truncation+cache", _cached("truncation"), rate_from="truncation")
 register_arm("progressive", _progressive, rate_from="all")
 register_arm("progressive-fixed", _progressive_fixed, rate_from="all", after="progressive")
+register_arm("progressive+cache", _progressive_cached, rate_from="all")

@@ -65,6 +65,7 @@ class QualityConfig:
             "truncation+cache",
             "progressive",
             "progressive-fixed",
+            "progressive+cache",
         ],
         metadata={
             "help": "Arms by registered name (aletheia_lora.bench.quality.arms.ARMS); 'all' is required, and so is "

@@ -16,6 +16,9 @@ An arm's :attr:`~aletheia_lora.bench.quality.arms.ArmChoice.training` adds to pl
   each step (on the clock too, added to that step). Its rule is ``aletheia_lora.freeze.settled_prefix``, looked up
   when it decides.
 * ``freeze: fixed`` (the control): as many blocks as the unit it runs after froze, on :func:`fixed_schedule`.
+* ``prefix_cache: settled`` (with ``freeze: gradient``): :class:`~aletheia_lora.freeze.FrozenPrefixCache`, the
+  code behind ``--strategy progressive --cache-prefix``, driven after each step: once the frozen prefix has not
+  changed for an epoch it is cached (the build on the clock, in the step it happens) and later steps skip it.
 
 Frozen blocks stop requiring grad, leave the optimizer with their state
 (:func:`~aletheia_lora.freeze.drop_from_optimizer`), and the backward pass stops above them. The unit records each
@@ -29,6 +32,7 @@ import math
 import statistics
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -238,10 +242,17 @@ def run_unit(
     total = per_epoch * config.epochs
     warmup = round(config.warmup_ratio * total)
     cache, build_seconds, no_cache = None, 0.0, None
-    if choice.training.get("prefix_cache"):
+    settled = choice.training.get("prefix_cache") == "settled"
+    if choice.training.get("prefix_cache") and not settled:
         cache, build_seconds, no_cache = _prefix_cache(model, data, choice, config, device)
-    batches = Batches(data.train, config.batch_size, seed, data.pad, device, row_ids=cache is not None)
+    batches = Batches(data.train, config.batch_size, seed, data.pad, device, row_ids=cache is not None or settled)
     freezer = _freezer(choice, model, optimizer, total, after)
+    late = None
+    if settled:
+        late = freeze.FrozenPrefixCache(freezer.callback, data.train, stable_steps=per_epoch, output_dir=None,
+                                        pad_token_id=data.pad, batch_size=config.eval_batch_size)  # fmt: skip
+        late.on_train_begin(SimpleNamespace(gradient_accumulation_steps=1), freezer.state, freezer.control,
+                            model=model)  # fmt: skip
 
     def loss(rows: list | None) -> float | None:
         if rows is None:
@@ -272,6 +283,8 @@ def run_unit(
                 done = step + 1
                 if freezer is not None:
                     seconds += freezer.step_end(done)  # the decision and the freezing are part of training
+                if late is not None:
+                    seconds += _timed(late.on_step_end, device, None, freezer.state, freezer.control)
                 times.append(seconds)
                 train_losses.append(float(value.detach()))
                 if done % config.eval_steps == 0 or done == total:
@@ -283,6 +296,8 @@ def run_unit(
                                     done, total, point["validation_loss"])  # fmt: skip
             general = loss(data.general)
     finally:
+        if late is not None:
+            late.close()
         if freezer is not None:
             freezer.close()
         cache_summary = cache.summary() if cache is not None else None
@@ -295,7 +310,9 @@ def run_unit(
     extra: dict = {}
     if choice.training:
         extra["training"] = choice.training
-    if choice.training.get("prefix_cache"):
+    if late is not None:
+        extra["prefix_cache"] = late.summary()
+    elif choice.training.get("prefix_cache"):
         extra.update(cache_build_seconds=build_seconds, prefix_cache=cache_summary)
         if no_cache:
             extra["prefix_cache_skipped"] = no_cache
@@ -331,6 +348,15 @@ def run_unit(
         "wall_seconds": time.perf_counter() - started,
         **extra,
     }
+
+
+def _timed(fn, device: torch.device, *args) -> float:
+    """Seconds ``fn(*args)`` took (the GPU queue drained)."""
+    start = time.perf_counter()
+    fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def _clock(times: list[float], steps: int) -> float:
