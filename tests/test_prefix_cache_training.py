@@ -201,3 +201,13 @@ def test_the_documented_recipe_for_your_own_trainer(tmp_path):
         losses[cached] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses[True]) == 4
     assert losses[True] == pytest.approx(losses[False], abs=1e-6)
+
+
+def test_a_run_too_short_for_the_cache_to_pay_says_so(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="aletheia_lora.train"):
+        _train(tmp_path, "short", max_steps=2, cache_prefix=True)  # 8 of 16 rows
+    assert "--cache-prefix: 2 steps see 8 of the 16 training rows, each at most once" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="aletheia_lora.train"):
+        _train(tmp_path, "long", max_steps=8, cache_prefix=True)  # two epochs
+    assert "cannot pay back" not in caplog.text

@@ -466,6 +466,13 @@ def train_lora(
             late = FrozenPrefixCache(freezing, train_dataset, **kwargs)
             callbacks = [*callbacks, late]
         else:
+            rows_seen = config.steps * config.batch_size * config.gradient_accumulation_steps * args.world_size
+            if config.steps > 0 and rows_seen < len(train_dataset):
+                logger.warning(
+                    "--cache-prefix: %d steps see %d of the %d training rows, each at most once; the cache runs the "
+                    "prefix over every row first, so it cannot pay back in this run (it does over several epochs)",
+                    config.steps, rows_seen, len(train_dataset),
+                )  # fmt: skip
             cache = PrefixCache.for_run(peft_model, train_dataset, stack=stack, **kwargs)
         train_dataset, collate = index_rows(train_dataset), row_id_collator(collate)
     trainer_cls, guard = guarded_trainer(config, output_dir, pad_token_id)
