@@ -15,8 +15,17 @@ step each per round, the starting arm rotating) on the same random-token batches
 * ``contiguous``: the top half of the blocks.
 
 Per arm: median step time of the timed steps, measured speedup (all-layer median / arm median), the median of
-the per-round ratios, tokens/s, the FLOP model's predicted speedup, the lowest block the backward pass reached
-(``BackwardDepthMonitor``) and the bytes autograd saved for the backward pass on the first step.
+the per-round ratios, tokens/s, the lowest block the backward pass reached (``BackwardDepthMonitor``), the bytes
+autograd saved for the backward pass on the first step, and three predictions of the speedup with the error of
+each: FLOPs alone (``CostModel.from_model(..., overheads=None)``), the cost model (``CostModel.from_model``: FLOPs
+and the CPU overheads of ``aletheia_lora.overheads``, never fitted to this run) and a ``Calibration`` timed in the
+same process before the arms, as ``aletheia-lora probe --calibrate`` does (``aletheia_lora.calibrate.calibrate``,
+its default placements and steps). Per arm whose lowest block is above 0, and for the layers of the cached arms of
+``bench/results/prefix_cache.json``, the cost model's prediction of a prefix-cached step (``cached=True``), which the
+rendered page sets against that file's measured cached speedups.
+
+The config's ``smollm2`` entry runs the bundled SmolLM2-135M (real weights, its own shapes, the training
+benchmark's batch 4 x 128) the same way, after the 8 families.
 
     .venv/bin/python bench/families.py [--config bench/configs/families.yaml] [--out bench/results]
         [--docs docs/EVIDENCE.md] [--families NAME,...] [--render-only]
@@ -51,9 +60,11 @@ from aletheia_lora import apply_aletheia_lora, gradient_probe, select_layers
 from aletheia_lora.bench.config import RENAMED_SETTINGS, read_settings, renamed_hint
 from aletheia_lora.bench.measure import MB, BackwardTrace, machine_info, package_versions, timed_step
 from aletheia_lora.bench.workload import lora_copy
+from aletheia_lora.calibrate import calibrate
 from aletheia_lora.cost import CostModel
 from aletheia_lora.files import write_text
 from aletheia_lora.layers import find_decoder_stack
+from aletheia_lora.models import ModelConfig
 from aletheia_lora.train import EMBEDDINGS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,20 +187,62 @@ def _random_rows(n: int, length: int, vocab: int, seed: int) -> list[dict]:
     return [{"input_ids": torch.randint(1, vocab, (length,), generator=g).tolist()} for _ in range(n)]
 
 
-def run_family(family: dict, cfg: dict, log=print) -> dict:
-    """Build the family's scaled model, probe it, train its arms round-robin; return the family's record."""
-    started = time.perf_counter()
+def build_model(family: dict, cfg: dict) -> tuple[torch.nn.Module, dict, dict]:
+    """The family's model in eval mode, its real dims and the dims it was built with.
+
+    A family with ``bundled`` loads that bundled model (real weights, its own shapes); any other is built from its
+    real config with the widths divided by its ``scale`` (random weights).
+    """
+    if family.get("bundled"):
+        base = ModelConfig(model=family["bundled"], dtype="float32", device="cpu").load()[0].eval()
+        c = base.config
+        real = {
+            "layers": c.num_hidden_layers, "hidden": c.hidden_size, "intermediate": c.intermediate_size,
+            "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
+            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            "vocab": c.vocab_size, "tied_embeddings": bool(c.tie_word_embeddings),
+        }  # fmt: skip
+        return base, real, dict(real)
     real = family["real"]
     dims = scaled_dims(real, family["scale"])
-    config = hf_config(family["arch"], dims)
     torch.manual_seed(cfg["seed"])
-    base = T.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return T.AutoModelForCausalLM.from_config(hf_config(family["arch"], dims), dtype=torch.float32).eval(), real, dims
+
+
+def _error(predicted: float, measured: float) -> float:
+    return predicted / measured - 1
+
+
+def cached_layer_sets(family: str, layers: dict[str, list[int]], cached_from: Path | None) -> list[list[int]]:
+    """The layer sets whose prefix-cached step the run predicts: every arm whose lowest block is above 0, and the
+    cached arms of ``cached_from`` (bench/prefix_cache.py's JSON) for this model."""
+    wanted = [v for v in layers.values() if min(v) > 0]
+    if cached_from is not None and cached_from.is_file():
+        try:
+            data = json.loads(cached_from.read_text())
+        except (OSError, ValueError):
+            data = {}
+        records = [data.get("smollm2") or {}] if family == "SmolLM2" else data.get("families") or []
+        for record in records:
+            if family == "SmolLM2" or record.get("family") == family:
+                wanted += [a["layers"] for a in record.get("arms", []) if a.get("cached")]
+    unique: list[list[int]] = []
+    for v in wanted:
+        if sorted(v) not in unique:
+            unique.append(sorted(v))
+    return unique
+
+
+def run_family(family: dict, cfg: dict, log=print) -> dict:
+    """Build the family's model, probe and calibrate it, train its arms round-robin; return the family's record."""
+    started = time.perf_counter()
+    base, real, dims = build_model(family, cfg)
     stack = find_decoder_stack(base)
     n = stack.num_layers
     if n != real["layers"]:
         raise RuntimeError(f"{family['family']}: built {n} layers, the real model has {real['layers']}")
     k = max(1, math.floor(n * cfg["top_pct"] / 100))
-    seq, bs = cfg["seq_len"], cfg["batch_size"]
+    seq, bs = cfg["seq_len"], family.get("batch_size", cfg["batch_size"])
     total_steps = cfg["untimed_steps"] + cfg["steps"]
 
     probe_rows = _random_rows(cfg["probe_batches"], seq, dims["vocab"], cfg["seed"] + 1)
@@ -197,6 +250,16 @@ def run_family(family: dict, cfg: dict, log=print) -> dict:
     scores = gradient_probe(base, probe_rows, probe_batches=cfg["probe_batches"], seed=cfg["seed"], progress=False)
     probe_seconds = time.perf_counter() - t0
     cost = CostModel.from_model(base, seq_len=seq, batch_size=bs, r=cfg["r"])
+    flops = CostModel.from_model(base, seq_len=seq, batch_size=bs, r=cfg["r"], overheads=None)
+    g = torch.Generator().manual_seed(cfg["seed"])
+    batches = [torch.randint(1, dims["vocab"], (bs, seq), generator=g) for _ in range(total_steps)]
+    # as `--calibrate` does: its default placements and steps, on one training batch, before any arm trains
+    log(f"  {family['family']}: calibrating")
+    t0 = time.perf_counter()
+    lora_kwargs = {"lora_alpha": cfg["lora_alpha"], "lora_dropout": 0.0}
+    calibration = calibrate(base, {"input_ids": batches[0]}, r=cfg["r"], lora_kwargs=lora_kwargs, stack=stack)
+    calibration_seconds = time.perf_counter() - t0
+    base.eval()
     source = cfg.get("probe_scores_from")
     pattern, pattern_how = probe_pattern(n, k, REPO / source if source else None)
     layers = {
@@ -222,9 +285,8 @@ def run_family(family: dict, cfg: dict, log=print) -> dict:
             base, lora, seed=cfg["seed"], learning_rate=cfg["learning_rate"], weight_decay=0.0
         )
         arms[name] = {"model": model, "params": params, "optimizer": optimizer, "times": []}
+    parameters = sum(p.numel() for p in base.parameters())
     del base
-    g = torch.Generator().manual_seed(cfg["seed"])
-    batches = [torch.randint(1, dims["vocab"], (bs, seq), generator=g) for _ in range(total_steps)]
 
     for step in range(total_steps):
         order = trained[step % len(trained) :] + trained[: step % len(trained)]
@@ -249,8 +311,8 @@ def run_family(family: dict, cfg: dict, log=print) -> dict:
         arm = arms[same_as.get(name, name)]
         times = arm["times"][untimed:]
         median = statistics.median(times)
-        predicted = cost.speedup(layers[name])
         measured = base_median / median
+        predicted, flop, calibrated = (c.speedup(layers[name]) for c in (cost, flops, calibration))
         records.append(
             {
                 "name": name,
@@ -263,32 +325,65 @@ def run_family(family: dict, cfg: dict, log=print) -> dict:
                 "measured_speedup": measured,
                 "paired_speedup": statistics.median(b / t for b, t in zip(base_times, times)),
                 "predicted_speedup": predicted,
-                "prediction_error": predicted / measured - 1,
+                "prediction_error": _error(predicted, measured),
+                "flop_speedup": flop,
+                "flop_error": _error(flop, measured),
+                "calibrated_speedup": calibrated,
+                "calibrated_error": _error(calibrated, measured),
                 "tokens_per_second": bs * seq / median,
                 "saved_activations_mb": arm["saved_mb"],
                 "trainable_parameters": sum(p.numel() for p in arm["params"]),
                 "step_seconds": arm["times"],
             }
         )
-    head = cost.step_cost(range(n))
+    head = flops.step_cost(range(n))
+    cached_from = REPO / cfg["cached_from"] if cfg.get("cached_from") else None
     return {
         "family": family["family"],
         "model": family["model"],
-        "arch": family["arch"],
-        "scale": family["scale"],
+        "arch": family.get("arch", real.get("arch", "")),
+        "scale": family.get("scale", 1),
+        "bundled": bool(family.get("bundled")),
+        "batch_size": bs,
         "real": real,
         "scaled": dims,
         "ratio_drift": ratio_drift(real, dims),
-        "parameters": sum(p.numel() for arm in arms.values() for p in arm["model"].get_base_model().parameters())
-        // len(arms),
-        "head_share_of_forward": cost.head_forward / head.forward,
+        "parameters": parameters,
+        "head_share_of_forward": flops.head_forward / head.forward,
         "budget": k,
         "probe": {"seconds": probe_seconds, "scores": {str(i): v for i, v in sorted(scores.items())}},
         "probe_pattern_source": pattern_how,
         "cost_model": cost.description,
+        "flop_model": flops.description,
+        "calibration": {
+            "seconds": calibration_seconds,
+            "description": calibration.description,
+            "fixed_s": calibration.fixed_s,
+            "per_backward_block_s": calibration.per_backward_block_s,
+            "per_adapted_block_s": calibration.per_adapted_block_s,
+            "timings": [{"layers": list(lay), "seconds": t} for lay, t in calibration.timings],
+        },
+        "cached_predictions": [
+            {
+                "layers": lay,
+                "predicted_speedup": cost.speedup(lay, cached=True),
+                "flop_speedup": flops.speedup(lay, cached=True),
+            }
+            for lay in cached_layer_sets(family["family"], layers, cached_from)
+        ],
         "arms": records,
         "seconds": time.perf_counter() - started,
     }
+
+
+def error_summary(records: list[dict]) -> dict:
+    """Per predictor: the largest and the median |error| over every selection arm (the bands of aletheia_lora.cost
+    are the largest, rounded up)."""
+    out = {}
+    for key in ("flop_error", "prediction_error", "calibrated_error"):
+        errors = [abs(a[key]) for fam in records for a in fam["arms"] if a["name"] != "all"]
+        out[key] = {"max": max(errors), "median": statistics.median(errors)}
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -317,6 +412,16 @@ def load_config(path: Path) -> dict:
     return cfg
 
 
+def _launch_prefix() -> list[str]:
+    """``OMP_NUM_THREADS=1 taskset -c 1`` as this process was launched, for the recorded command."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    prefix = [f"OMP_NUM_THREADS={shlex.quote(threads)}"] if threads else []
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if cpus and len(cpus) < (os.cpu_count() or len(cpus)):
+        prefix += ["taskset", "-c", ",".join(map(str, cpus))]
+    return prefix
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -328,37 +433,47 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config)
     docs = None if str(args.docs) == "none" else args.docs
     quality = REPO / cfg["quality_from"] if cfg.get("quality_from") else None
+    cached = REPO / cfg["cached_from"] if cfg.get("cached_from") else None
     if args.render_only:
-        for path in render_outputs(args.out, docs, quality):
+        for path in render_outputs(args.out, docs, quality, cached):
             print(f"wrote {path}")
         return 0
 
     torch.set_num_threads(cfg.get("threads") or 1)
-    families = cfg["families"]
+    families = list(cfg["families"])
+    reference = cfg.get("smollm2")
     if args.families:
         wanted = args.families.split(",")
-        unknown = set(wanted) - {f["family"] for f in families}
+        unknown = set(wanted) - {f["family"] for f in families} - ({reference["family"]} if reference else set())
         if unknown:
             raise SystemExit(f"unknown families {sorted(unknown)}")
         families = [f for f in families if f["family"] in wanted]
+        reference = reference if reference and reference["family"] in wanted else None
     started = time.perf_counter()
     load_before = list(os.getloadavg())
     records = []
-    for fam in families:
-        print(f"{fam['family']}: {fam['real']['layers']} layers, scale /{fam['scale']}", file=sys.stderr, flush=True)
+    for fam in families + ([reference] if reference else []):
+        what = (
+            f"bundled {fam['bundled']}"
+            if fam.get("bundled")
+            else f"{fam['real']['layers']} layers, scale /{fam['scale']}"
+        )
+        print(f"{fam['family']}: {what}", file=sys.stderr, flush=True)
         records.append(run_family(fam, cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True)))
         rec = records[-1]
         summary = ", ".join(
-            f"{a['name']} {a['measured_speedup']:.2f}/{a['predicted_speedup']:.2f}" for a in rec["arms"]
+            f"{a['name']} {a['measured_speedup']:.2f}/{a['predicted_speedup']:.2f}/{a['calibrated_speedup']:.2f}"
+            for a in rec["arms"]
         )
-        print(f"{fam['family']} ({rec['seconds']:.0f} s): {summary}", file=sys.stderr, flush=True)
+        print(f"{fam['family']} ({rec['seconds']:.0f} s), measured/model/calibrated: {summary}", file=sys.stderr,
+              flush=True)  # fmt: skip
     flags = argv if argv is not None else sys.argv[1:]
-    command = " ".join([".venv/bin/python", "bench/families.py"] + [shlex.quote(a) for a in flags])
+    command = " ".join([*_launch_prefix(), ".venv/bin/python", "bench/families.py"] + [shlex.quote(a) for a in flags])
     result = {
         "name": NAME,
         "command": command,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": {k: v for k, v in cfg.items() if k != "families"},
+        "config": {k: v for k, v in cfg.items() if k not in ("families", "smollm2")},
         "scaled_dimensions": list(SCALED_KEYS),
         "kept_dimensions": ["layers", "heads", "kv_heads", "tied_embeddings", *EXPERT_KEYS],
         "paper": {"speedup_range": list(PAPER_RANGE), "mean_speedup": PAPER_MEAN, "budget_pct": 50},
@@ -366,11 +481,13 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"python": platform.python_version(), **package_versions()},
         "load_average": {"before": load_before, "after": list(os.getloadavg())},
         "wall_seconds": time.perf_counter() - started,
-        "families": records,
+        "errors": error_summary(records),
+        "families": [r for r in records if not r["bundled"]],
+        "smollm2": next((r for r in records if r["bundled"]), None),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / f"{NAME}.json", json.dumps(result, indent=1) + "\n")
-    for path in [args.out / f"{NAME}.json", *render_outputs(args.out, docs, quality)]:
+    for path in [args.out / f"{NAME}.json", *render_outputs(args.out, docs, quality, cached)]:
         print(f"wrote {path}")
     return 0
 

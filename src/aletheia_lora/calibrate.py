@@ -1,8 +1,10 @@
-"""Time real LoRA steps on this hardware and fit a :class:`~aletheia_lora.cost.Calibration` to them.
+"""Time real LoRA steps on this hardware and fit a :class:`Calibration` to them.
 
-FLOPs miss what the hardware makes of them (on CPUs the small rank-r products of the adapters cost far more
-than their FLOPs); :func:`calibrate` measures a few placements of the adapters instead, and the fitted
-calibration predicts any selection's speedup as a :class:`~aletheia_lora.cost.CostModel` would.
+:class:`~aletheia_lora.cost.CostModel` prices a step from the model's shapes with constants measured on one CPU
+(:mod:`aletheia_lora.overheads`); other hardware splits the time between matrix products and everything else
+differently. :func:`calibrate` measures a few placements of the adapters instead, and the fitted
+:class:`Calibration` predicts any selection's speedup as a cost model would (``aletheia-lora probe --calibrate``).
+:class:`Calibration` is also importable from :mod:`aletheia_lora.cost`.
 """
 
 from __future__ import annotations
@@ -10,19 +12,153 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import combinations
 from typing import Any
 
 import torch
 from peft import get_peft_model
 from torch import nn
 
-from aletheia_lora.checks import check_int, validate_selected_layers
+from aletheia_lora.checks import check_int, check_number, validate_selected_layers
 from aletheia_lora.config import apply_aletheia_lora
-from aletheia_lora.cost import Calibration
+from aletheia_lora.frontier import StepTerms
 from aletheia_lora.layers import DecoderStack, is_adapter_name, resolve_stack, unwrap_model
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Step time on this hardware as ``fixed + per_backward_block * blocks reached + per_adapted_block * adapted``.
+
+    ``fixed`` holds everything a selection does not change: the forward of all blocks, the head, embeddings,
+    loss, launch and optimizer overheads. ``per_backward_block`` is the backward of one block (and its
+    re-forward under checkpointing); ``per_adapted_block`` is the adapters of one block, forward, backward
+    and update. A calibration is also a callable: ``cal(layers)`` is :meth:`speedup`.
+
+    Attributes:
+        num_layers: Blocks of the calibrated model.
+        fixed_s: Seconds per step that do not depend on the selection.
+        per_backward_block_s: Seconds per block the backward pass runs through.
+        per_adapted_block_s: Seconds per adapted block.
+        backward_to_embeddings: The backward reached every block in the measured regime.
+        gradient_checkpointing: The model had gradient checkpointing on.
+        timings: The measured ``(layers, median seconds per step)`` the fit came from.
+    """
+
+    num_layers: int
+    fixed_s: float
+    per_backward_block_s: float
+    per_adapted_block_s: float
+    backward_to_embeddings: bool = False
+    gradient_checkpointing: bool = False
+    timings: tuple[tuple[tuple[int, ...], float], ...] = ()
+
+    @property
+    def description(self) -> str:
+        """What the predictions come from, for logs and reports."""
+        return (
+            f"calibrated on this hardware from {len(self.timings)} timed placements: {self.fixed_s:.3f} s + "
+            f"{self.per_backward_block_s:.4f} s per block the backward reaches + {self.per_adapted_block_s:.4f} s "
+            "per adapted block"
+        )
+
+    def _features(self, layers: list[int]) -> tuple[int, int]:
+        reached = self.num_layers if self.backward_to_embeddings else self.num_layers - layers[0]
+        return reached, len(layers)
+
+    def step_time(self, selected_layers: Iterable[int]) -> float:
+        """Predicted seconds per step with adapters on ``selected_layers``."""
+        reached, adapted = self._features(validate_selected_layers(selected_layers, self.num_layers))
+        return self.fixed_s + self.per_backward_block_s * reached + self.per_adapted_block_s * adapted
+
+    def speedup(self, selected_layers: Iterable[int]) -> float:
+        """Predicted step-time ratio: every block adapted / ``selected_layers`` adapted."""
+        return self.step_time(range(self.num_layers)) / self.step_time(selected_layers)
+
+    def step_terms(self) -> StepTerms:
+        """The step time as ``by_lowest[lowest adapted block] + fsum(by_layer[i] for i in adapted blocks)``: what
+        :meth:`step_time` computes (``fsum`` of ``n`` equal terms rounds as their product does)."""
+        n = self.num_layers
+        reached = [n if self.backward_to_embeddings else n - m for m in range(n)]
+        by_lowest = tuple(self.fixed_s + self.per_backward_block_s * r for r in reached)
+        return StepTerms(by_lowest, (self.per_adapted_block_s,) * n)
+
+    def __call__(self, selected_layers: Iterable[int]) -> float:
+        return self.speedup(selected_layers)
+
+    @classmethod
+    def fit(
+        cls,
+        num_layers: int,
+        timings: Mapping[Sequence[int], float] | Iterable[tuple[Sequence[int], float]],
+        *,
+        backward_to_embeddings: bool = False,
+        gradient_checkpointing: bool = False,
+    ) -> Calibration:
+        """Fit the three coefficients to measured step times by least squares, keeping them non-negative.
+
+        An effect the placements cannot tell apart (all placements reach the same blocks, or adapt as many)
+        gets coefficient 0 and its time lands in the others; so does one whose free fit comes out negative
+        (noise). Three placements such as all layers, the top half and every other layer from 1 separate
+        all three.
+
+        Args:
+            num_layers: Blocks of the model.
+            timings: ``layers -> seconds per step`` (a mapping or pairs).
+            backward_to_embeddings: See :class:`Calibration`.
+            gradient_checkpointing: See :class:`Calibration`.
+
+        Returns:
+            The calibration.
+        """
+        num_layers = check_int("num_layers", num_layers, minimum=1)
+        pairs = list(timings.items()) if isinstance(timings, Mapping) else list(timings)
+        if not pairs:
+            raise ValueError("timings is empty: measure at least one placement")
+        rows, seconds = [], []
+        draft = cls(num_layers, 0.0, 0.0, 0.0, backward_to_embeddings, gradient_checkpointing)
+        for layers, t in pairs:
+            t = check_number(f"timings[{tuple(layers)}]", t, minimum=0)
+            rows.append((1.0, *map(float, draft._features(validate_selected_layers(layers, num_layers)))))
+            seconds.append(t)
+        x = torch.tensor(rows, dtype=torch.float64)
+        y = torch.tensor(seconds, dtype=torch.float64).unsqueeze(1)
+        best = None
+        # At most three columns: trying every subset is the simplest exact non-negative least squares.
+        for size in (3, 2, 1):
+            for columns in combinations(range(3), size):
+                sub = x[:, list(columns)]
+                if int(torch.linalg.matrix_rank(sub)) < size:
+                    continue
+                coef = torch.linalg.lstsq(sub, y).solution.squeeze(1)
+                if (coef < 0).any():
+                    continue
+                residual = float(((sub @ coef.unsqueeze(1) - y) ** 2).sum())
+                if best is None or residual < best[0] - 1e-12 * float((y**2).sum()):
+                    values = [0.0, 0.0, 0.0]
+                    for column, value in zip(columns, coef.tolist()):
+                        values[column] = value
+                    best = (residual, values)
+        if best is None:
+            raise ValueError(f"cannot fit step times {seconds}: no non-negative split explains them")
+        fixed, per_backward, per_adapted = best[1]
+        if per_backward == 0 and not backward_to_embeddings:
+            logger.warning(
+                "calibration: fitted no backward cost per block: the placements or noisy timings could not separate "
+                "it from the fixed cost (more steps or a larger batch help)"
+            )
+        return cls(
+            num_layers=num_layers,
+            fixed_s=fixed,
+            per_backward_block_s=per_backward,
+            per_adapted_block_s=per_adapted,
+            backward_to_embeddings=backward_to_embeddings,
+            gradient_checkpointing=gradient_checkpointing,
+            timings=tuple((tuple(validate_selected_layers(layers, num_layers)), float(t)) for layers, t in pairs),
+        )
 
 
 def default_placements(num_layers: int) -> list[list[int]]:
