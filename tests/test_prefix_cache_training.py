@@ -105,10 +105,14 @@ def test_run_cache_prefix_end_to_end_and_its_refusals(tiny_checkpoint, tiny_corp
     cache = report["train"]["prefix_cache"]
     assert cache["block"] == min(report["selection"]["selected_layers"]) > 0
     assert cache["batches_served"] == report["train"]["steps"] == 4
+    assert cache["predicted_speedup"] > 1  # the cost model's cached step against LoRA on every block
+    summary = (out / "report.md").read_text()
+    assert f"prefix cache    blocks 0-{cache['block'] - 1} skipped: " in summary and "4 batches served" in summary
     progressive = tiny_args(tiny_checkpoint, tiny_corpus, tmp_path / "prog", *TRAIN, "--strategy", "progressive")
     assert main(["run", *progressive, "--freeze-every", "2", "--cache-prefix", "--max-steps", "12"]) == 0
     cache = json.loads((tmp_path / "prog" / "metrics.json").read_text())["train"]["prefix_cache"]
     assert cache["progressive"] is True and cache["stable_steps"] >= 1
+    assert "prefix cache    built: " in (tmp_path / "prog" / "report.md").read_text()
     capsys.readouterr()
     refused = tiny_args(tiny_checkpoint, tiny_corpus, tmp_path / "p", *TRAIN, "--reprobe-every", "2")
     assert main(["run", *refused, "--cache-prefix"]) == 2

@@ -169,17 +169,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _print_selection(selection: Selection) -> None:
-    print(f"strategy        {selection.strategy}")
-    print(f"selected        {list(selection.layers)}")
-    if selection.score_share is not None:
-        print(f"score captured  {selection.score_share:.1%}")
-    if selection.predicted_speedup is not None:
-        print(f"predicted       {selection.predicted_speedup:.2f}x faster per step than LoRA on all layers")
-    for name, other in selection.alternatives.items():
-        print(
-            f"  {name:<12} share {other.captured_share:.1%}, predicted {other.speedup:.2f}x, "
-            f"lowest layer {other.lowest_layer}"
-        )
+    from aletheia_lora.report import selection_lines
+
+    print("\n".join(selection_lines(selection)))
 
 
 def _make_parent(path: str) -> None:

@@ -441,6 +441,9 @@ def _run_pipeline(config, out_dir, evaluate, overwrite, resume, layers, scores_f
             report["reprobe"]["layers_ever_trained"],
         )
     report["train"] = _train_report(result, config)
+    cached = report["train"]["prefix_cache"]
+    if cached and not cached.get("progressive") and isinstance(cost, CostModel):  # the cost model's cached step
+        cached["predicted_speedup"] = cost.speedup(selected, cached=True)
     report["log_history"] = result.log_history
     report["adapter"] = str(result.adapter_dir) if result.adapter_dir else None
     if evaluate:

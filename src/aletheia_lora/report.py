@@ -45,6 +45,35 @@ def predicted_text(sel: Selection, than: str = "LoRA on all layers") -> str:
     return f"{sel.predicted_speedup:.2f}x{plus_minus} faster per step than {than} ({basis})"
 
 
+def selection_lines(sel: Selection) -> list[str]:
+    """What ``probe`` and ``select`` print: the selection, its score share and predicted speedup, the alternatives."""
+    lines = [f"strategy        {sel.strategy}", f"selected        {list(sel.layers)}"]
+    if sel.score_share is not None:
+        lines.append(f"score captured  {sel.score_share:.1%}")
+    if sel.predicted_speedup is not None:
+        lines.append(f"predicted       {predicted_text(sel)}")
+    for name, other in sel.alternatives.items():
+        lines.append(f"  {name:<12} share {other.captured_share:.1%}, predicted {other.speedup:.2f}x, "
+                     f"lowest layer {other.lowest_layer}")  # fmt: skip
+    return lines
+
+
+def _cache_line(cache: dict) -> str:
+    """The summary's line for ``--cache-prefix``: what was skipped, the cache's size and build, its prediction."""
+    if cache.get("progressive"):
+        builds = ", ".join(
+            f"blocks below {b['block']} at step {b['step']} ({b['build_seconds']:.1f} s)" for b in cache["builds"]
+        )
+        builds = builds or "none (the frozen prefix never stayed for an epoch)"
+        return f"prefix cache    built: {builds}; {cache['batches_served']} batches skipped the prefix"
+    where = "memory-mapped" if cache["memory_mapped"] else "in memory"
+    line = (f"prefix cache    blocks 0-{cache['block'] - 1} skipped: {cache['bytes'] / 2**20:.1f} MiB {where}, built "
+            f"in {cache['build_seconds']:.1f} s, {cache['batches_served']} batches served")  # fmt: skip
+    if cache.get("predicted_speedup") is not None:
+        line += f"; predicted {cache['predicted_speedup']:.2f}x per step vs all layers, cached"
+    return line
+
+
 def summary_table(report: dict) -> str:
     """The run's summary as plain text, one fact per line: what the console prints and ``report.md`` holds."""
     sel = Selection.from_dict(report["selection"])
@@ -83,6 +112,8 @@ def summary_table(report: dict) -> str:
         f"training        {train['steps']} steps in {seconds} s "
         f"({', '.join(speed)}), backward reached {train['lowest_layer_reached']}"
     )
+    if train.get("prefix_cache"):
+        lines.append(_cache_line(train["prefix_cache"]))
     if train.get("final_train_loss") is not None:
         text = f"train loss      {train['final_train_loss']:.3f} at step {train['final_train_loss_step']}"
         if train.get("mean_train_loss") is not None:
