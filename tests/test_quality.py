@@ -435,3 +435,19 @@ def test_batches_carry_their_row_ids_only_on_request():
         assert ROW_IDS not in a and set(b) == {*a, ROW_IDS}
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert b[ROW_IDS].dtype == torch.long and (a["input_ids"][:, 0] - 10).tolist() == b[ROW_IDS].tolist()
+
+
+def test_a_selection_that_changed_since_an_arms_first_units_stops_the_run(quick_run, tmp_path):
+    out, config = tmp_path / "copy", quick_run["config"]
+    shutil.copytree(quick_run["out"], out)
+    folder = out / config.name / config.tasks[0] / "truncation"
+    first, second = sorted(folder.glob("*.json"))[:2]
+    record = json.loads(first.read_text())
+    record["layers"] = [0]  # as if an older cost model had picked other blocks
+    first.write_text(json.dumps(record))
+    second.unlink()
+    with pytest.raises(
+        ValueError, match=r"truncation: this code picks blocks \[.*\], .* trained \[0\]; the selection"
+    ):
+        run_protocol(config, out)
+    assert not second.exists()  # nothing trained under the mixed selection

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from aletheia_lora.bench.measure import machine_info
-from aletheia_lora.bench.quality.arms import AFTER, ARMS, ArmContext, rate_source
+from aletheia_lora.bench.quality.arms import AFTER, ARMS, SEEDED_ARMS, ArmContext, rate_source
 from aletheia_lora.bench.quality.config import QualityConfig
 from aletheia_lora.bench.quality.render import render_quality
 from aletheia_lora.bench.quality.summary import choose_rate, rate_key, read_unit, shared_rate, summarize, unit_path
@@ -97,9 +97,23 @@ class _Session:
     def loss(self, rows: list, pad: int) -> float:
         return evaluate_loss(self.base, rows, batch_size=self.config.eval_batch_size, pad_token_id=pad)["loss"]
 
+    def _check_same_blocks(self, task: str, arm: str, seed: int, layers: list[int]) -> None:
+        """An arm's units must adapt the blocks its finished units adapted (the same seed's, for a seeded arm): a
+        change of code or cost model between sessions must not mix two selections under one arm."""
+        pattern = f"*_seed{seed}.json" if arm in SEEDED_ARMS else "*.json"
+        for path in sorted((self.root / task / arm).glob(pattern)):
+            done = read_unit(path)
+            if done is not None and list(done["layers"]) != list(layers):
+                raise ValueError(
+                    f"{task} / {arm}: this code picks blocks {list(layers)}, {path.name} trained {done['layers']}; "
+                    "the selection changed since that unit ran: continue with the code that started the run, or "
+                    "start a new run (--name)"
+                )
+
     def train(self, task: str, arm: str, rate: float, seed: int) -> dict:
         t = self.tasks[task]
         choice = ARMS[arm](t.context, seed)
+        self._check_same_blocks(task, arm, seed, choice.layers)
         logger.info("unit %s / %s / lr %s / seed %d: blocks %s", task, arm, rate_key(rate), seed, choice.layers)
         after = None
         if arm in AFTER:
