@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from aletheia_lora.data import pad_collate
 from aletheia_lora.distributed import on_main_process, rank, world_size
-from aletheia_lora.files import update_manifest
+from aletheia_lora.files import update_manifest, write_json
 from aletheia_lora.layers import DecoderStack, resolve_stack, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -311,7 +311,8 @@ class PrefixCache:
         if folder is not None and not in_memory:
             meta = {"fingerprint": fingerprint, "block": block, "numel": sum(lengths) * hidden,
                     "dtype": str(dtype).replace("torch.", "")}  # fmt: skip
-            (folder / _META).write_text(json.dumps(meta, indent=1) + "\n")
+            # the description goes last and atomically: a states file without it is never read (see _load_kept)
+            write_json(folder / _META, meta)
         cache = cls(states, offsets, lengths, checksums, block=block, stack=stack,
                     folder=None if in_memory else folder, fingerprint=fingerprint, build_seconds=seconds)  # fmt: skip
         cache._tuple_len = captured.get("tuple", 0)
