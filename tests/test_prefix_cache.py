@@ -13,7 +13,15 @@ from peft import get_peft_model
 from aletheia_lora import apply_aletheia_lora
 from aletheia_lora.data import pad_collate
 from aletheia_lora.layers import find_decoder_stack
-from aletheia_lora.prefix_cache import ROW_IDS, PrefixCache, estimate_bytes, lowest_trainable_block, row_checksum
+from aletheia_lora.prefix_cache import (
+    ROW_IDS,
+    PrefixCache,
+    _run_prefix,
+    dropout_modules,
+    estimate_bytes,
+    lowest_trainable_block,
+    row_checksum,
+)
 from tiny_models import ARCHITECTURES, tiny_model, token_rows
 
 HIDDEN = 32  # the tiny models' hidden size
@@ -262,6 +270,30 @@ def test_refuses_the_router_auxiliary_loss():
 def test_refuses_a_dropout_module_below_the_cached_block():
     with pytest.raises(ValueError, match="a dropout of p=0.1 runs below block 2 in training"):
         PrefixCache.build(_lora_model("gpt2", dropout=True), _rows())
+
+
+def test_dropout_modules_scans_the_blocks_below_and_given_the_model_what_lies_outside_the_stack():
+    model = _lora_model("gpt2", dropout=True)
+    stack = find_decoder_stack(model)
+    below = dropout_modules(stack, 2)
+    inside_below = {id(m) for b in stack.blocks[:2] for m in b.modules()}
+    assert below and all(id(d) in inside_below for d in below)
+    embedding_dropout = model.base_model.model.transformer.drop
+    assert dropout_modules(stack, 2, model) == [*below, embedding_dropout]  # the blocks first, then the rest
+    for module in below:
+        module.p = 0.0
+    assert dropout_modules(stack, 2) == [] and dropout_modules(stack, 2, model) == [embedding_dropout]
+    with pytest.raises(ValueError, match="a dropout of p=0.1 runs below block 2 in training"):
+        PrefixCache.build(model, _rows())
+
+
+def test_the_prefix_run_says_so_when_the_block_never_runs():
+    model, other = _lora_model(), _lora_model()
+    with pytest.raises(RuntimeError, match="block 2 never ran: the model's forward finished without reaching it"):
+        _run_prefix(model, find_decoder_stack(other), _rows(2), 0, 2)  # a stack the model's forward never enters
+    rows = _rows(2)
+    hidden = _run_prefix(model, find_decoder_stack(model), rows, 0, 2)
+    assert hidden.shape == (*pad_collate(rows)["input_ids"].shape, HIDDEN)
 
 
 def test_refuses_functional_dropout_and_keeps_the_random_state():

@@ -150,6 +150,17 @@ def test_progressive_freezing_caches_the_prefix_once_it_has_settled_for_an_epoch
     assert not any("forward" in vars(m) for m in result.model.modules())
 
 
+def test_progressive_freezing_with_the_cache_refuses_lora_dropout_in_the_blocks_that_may_freeze(tmp_path):
+    from aletheia_lora.freeze import FreezeCallback
+
+    model = tiny_model("llama", n_layers=4)
+    config = TrainConfig(max_steps=2, batch_size=4, save_steps=0, progress=False, cache_prefix=True)
+    lora = apply_aletheia_lora(model, [0, 1, 2, 3], r=4, lora_alpha=8, lora_dropout=0.1)
+    with pytest.raises(ValueError, match="progressive: a dropout of p=0.1 runs in the blocks that may freeze"):
+        train_lora(model, lora, token_rows(8, 16, vary=True), None, config, output_dir=tmp_path / "run",
+                   callbacks=[FreezeCallback(4, 50)])  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
 def test_two_gloo_ranks_train_alike_with_and_without_the_cache(tiny_checkpoint, tiny_corpus, tmp_path):

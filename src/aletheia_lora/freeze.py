@@ -53,7 +53,7 @@ from aletheia_lora.checks import check_int, check_number, read_data_file, valida
 from aletheia_lora.distributed import collective_device, is_distributed, world_size
 from aletheia_lora.files import write_json
 from aletheia_lora.layers import DecoderStack, find_decoder_stack
-from aletheia_lora.prefix_cache import PrefixCache, check_cacheable, strip_row_ids
+from aletheia_lora.prefix_cache import PrefixCache, check_cacheable, dropout_modules, strip_row_ids
 from aletheia_lora.reprobe import _adapter_modules, _adapter_parameters, set_trainable_layers, uncovered_layers
 
 logger = logging.getLogger(__name__)
@@ -404,13 +404,12 @@ class FrozenPrefixCache(TrainerCallback):
         # refused now rather than after an epoch: anything random in the blocks that may freeze (LoRA dropout too)
         limit = max_frozen(len(self.freezing.blocks), self.freezing.max_frozen_pct)
         if limit:
-            top = self.freezing.blocks[limit - 1] + 1
-            for module in [m for b in self.freezing._stack.blocks[:top] for m in b.modules()]:
-                if isinstance(module, nn.Dropout) and module.p > 0:
-                    raise ValueError(
-                        f"--cache-prefix with --strategy progressive: a dropout of p={module.p:g} runs in the "
-                        "blocks that may freeze; set --lora-dropout (and the model's dropout) to 0"
-                    )
+            dropouts = dropout_modules(self.freezing._stack, self.freezing.blocks[limit - 1] + 1)
+            if dropouts:
+                raise ValueError(
+                    f"--cache-prefix with --strategy progressive: a dropout of p={dropouts[0].p:g} runs in the "
+                    "blocks that may freeze; set --lora-dropout (and the model's dropout) to 0"
+                )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         block = self.freezing.lowest_trainable

@@ -70,7 +70,7 @@ def lowest_trainable_block(model: nn.Module, stack: DecoderStack | None = None) 
     return None
 
 
-def _row_tokens(row: Mapping, index: int) -> torch.Tensor:
+def _row_tokens(row: Mapping) -> torch.Tensor:
     return pad_collate([row])["input_ids"][0]
 
 
@@ -129,15 +129,27 @@ def check_cacheable(model: nn.Module, block: int | None, stack: DecoderStack | N
             "--cache-prefix: the model's router auxiliary loss is on (config.output_router_logits); it needs the "
             "router of every block, including the skipped ones. Switch it off or leave --cache-prefix out"
         )
-    below = [stack.blocks[i] for i in range(block)]
-    inside = {id(m) for b in stack.blocks for m in b.modules()}
-    outside = [m for m in unwrap_model(model).modules() if id(m) not in inside]
-    for module in [m for b in below for m in b.modules()] + outside:
-        if isinstance(module, nn.Dropout) and module.p > 0:
-            raise ValueError(
-                f"--cache-prefix: a dropout of p={module.p:g} runs below block {block} in training; the cache "
-                "would freeze one draw of it. Set the model's dropout (and LoRA's, on blocks below) to 0"
-            )
+    dropouts = dropout_modules(stack, block, model)
+    if dropouts:
+        raise ValueError(
+            f"--cache-prefix: a dropout of p={dropouts[0].p:g} runs below block {block} in training; the cache "
+            "would freeze one draw of it. Set the model's dropout (and LoRA's, on blocks below) to 0"
+        )
+
+
+def dropout_modules(stack: DecoderStack, block: int, model: nn.Module | None = None) -> list[nn.Dropout]:
+    """The dropout modules with ``p > 0`` in the blocks below ``block``: what a cache of them would freeze.
+
+    Args:
+        stack: The decoder stack.
+        block: The first block not scanned.
+        model: Also scan its modules outside the decoder blocks (embeddings' dropout and the like), after the blocks.
+    """
+    modules = [m for b in stack.blocks[:block] for m in b.modules()]
+    if model is not None:
+        inside = {id(m) for b in stack.blocks for m in b.modules()}
+        modules += [m for m in unwrap_model(model).modules() if id(m) not in inside]
+    return [m for m in modules if isinstance(m, nn.Dropout) and m.p > 0]
 
 
 def _stochastic_settings(model: nn.Module) -> list[str]:
@@ -232,10 +244,9 @@ class PrefixCache:
         n = len(rows)
         if n == 0:
             raise ValueError("--cache-prefix: the training dataset is empty")
-        first = next(model.parameters())
         dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         hidden = _hidden_size(model, stack)
-        tokens = [_row_tokens(rows[i], i) for i in range(n)]
+        tokens = [_row_tokens(rows[i]) for i in range(n)]
         lengths = [int(t.numel()) for t in tokens]
         checksums = [row_checksum(t) for t in tokens]
         offsets = [0]
@@ -273,38 +284,18 @@ class PrefixCache:
             states = torch.from_file(str(folder / _STATES), shared=True, size=sum(lengths) * hidden, dtype=dtype)
             states = states.view(-1, hidden)
         start = time.perf_counter()
-        captured: dict = {}
-
-        def take(module, args, kwargs):
-            captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-            raise _StopForward
-
-        def shape(module, args, output):
-            captured["tuple"] = len(output) if isinstance(output, tuple) else 0
-
-        handles = [stack.blocks[block].register_forward_pre_hook(take, with_kwargs=True),
-                   stack.blocks[block - 1].register_forward_hook(shape)]  # fmt: skip
+        seen: dict = {}
+        shape = [(stack.blocks[block - 1], _tuple_len_hook(seen))]
         was_training = model.training
         model.train()  # as in training (deterministic, checked above)
         try:
-            with torch.no_grad():
-                bar = tqdm(range(0, n, batch_size), desc="prefix cache", unit="batch", disable=not progress)
-                for lo in bar:
-                    ids = list(range(lo, min(n, lo + batch_size)))
-                    batch = pad_collate([rows[i] for i in ids], pad_token_id=pad_token_id)
-                    try:
-                        model(input_ids=batch["input_ids"].to(first.device),
-                              attention_mask=batch["attention_mask"].to(first.device), use_cache=False)  # fmt: skip
-                    except _StopForward:
-                        pass
-                    else:
-                        raise RuntimeError(f"block {block} never ran in the model's forward")
-                    out = captured.pop("hidden")
-                    for j, i in enumerate(ids):
-                        states[offsets[i] : offsets[i] + lengths[i]] = out[j, : lengths[i]].to("cpu", dtype)
+            bar = tqdm(range(0, n, batch_size), desc="prefix cache", unit="batch", disable=not progress)
+            for lo in bar:
+                ids = list(range(lo, min(n, lo + batch_size)))
+                out = _run_prefix(model, stack, [rows[i] for i in ids], pad_token_id, block, hooks=shape)
+                for j, i in enumerate(ids):
+                    states[offsets[i] : offsets[i] + lengths[i]] = out[j, : lengths[i]].to("cpu", dtype)
         finally:
-            for handle in handles:
-                handle.remove()
             model.train(was_training)
         seconds = time.perf_counter() - start
         logger.info("prefix cache built in %.1f s", seconds)
@@ -315,7 +306,7 @@ class PrefixCache:
             write_json(folder / _META, meta)
         cache = cls(states, offsets, lengths, checksums, block=block, stack=stack,
                     folder=None if in_memory else folder, fingerprint=fingerprint, build_seconds=seconds)  # fmt: skip
-        cache._tuple_len = captured.get("tuple", 0)
+        cache._tuple_len = seen.get("tuple", 0)
         return cache
 
     @classmethod
@@ -378,10 +369,8 @@ class PrefixCache:
     @contextmanager
     def attach(self, model: nn.Module) -> Iterator[PrefixCache]:
         """Hook ``model`` so that its forwards with row ids skip the prefix (see the module's docstring)."""
-        if (
-            lowest_trainable_block(model, self.stack) is not None
-            and lowest_trainable_block(model, self.stack) < self.block
-        ):
+        lowest = lowest_trainable_block(model, self.stack)
+        if lowest is not None and lowest < self.block:
             raise ValueError("--cache-prefix: a block below the cached prefix's end has become trainable")
         outer = model
         handles = [
@@ -542,6 +531,12 @@ def _load_kept(folder: Path, fingerprint: str, numel: int, dtype: torch.dtype) -
 
 
 def _run_prefix(model, stack, rows, pad_token_id, block, hooks=()) -> torch.Tensor:
+    """The hidden states entering block ``block`` for ``rows`` (one padded batch), without autograd; the forward
+    stops there. ``hooks``: ``(module, forward hook)`` pairs registered for this one forward.
+
+    Raises:
+        RuntimeError: the forward finished without running block ``block``.
+    """
     captured = {}
 
     def take(module, args, kwargs):
@@ -561,6 +556,8 @@ def _run_prefix(model, stack, rows, pad_token_id, block, hooks=()) -> torch.Tens
     finally:
         for handle in handles:
             handle.remove()
+    if "hidden" not in captured:
+        raise RuntimeError(f"block {block} never ran: the model's forward finished without reaching it")
     return captured["hidden"]
 
 
@@ -585,11 +582,16 @@ def _check_deterministic(model, stack, rows, pad_token_id, block) -> None:
         )
 
 
-def _probe_tuple_len(model, stack, rows, pad_token_id, block) -> int:
-    seen = {}
+def _tuple_len_hook(seen: dict) -> Callable:
+    """A forward hook recording whether a block returns a tuple, and its length (see ``PrefixCache._skipping``)."""
 
     def shape(module, args, output):
         seen["tuple"] = len(output) if isinstance(output, tuple) else 0
 
-    _run_prefix(model, stack, [rows[0]], pad_token_id, block, hooks=[(stack.blocks[block - 1], shape)])
+    return shape
+
+
+def _probe_tuple_len(model, stack, rows, pad_token_id, block) -> int:
+    seen = {}
+    _run_prefix(model, stack, [rows[0]], pad_token_id, block, hooks=[(stack.blocks[block - 1], _tuple_len_hook(seen))])
     return seen.get("tuple", 0)
