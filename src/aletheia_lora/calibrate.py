@@ -5,6 +5,15 @@
 differently. :func:`calibrate` measures a few placements of the adapters instead, and the fitted
 :class:`Calibration` predicts any selection's speedup as a cost model would (``aletheia-lora probe --calibrate``).
 :class:`Calibration` is also importable from :mod:`aletheia_lora.cost`.
+
+How the steps are timed: every placement is injected once, as its own named adapter of one ``PeftModel`` with its
+own AdamW, and the placements take turns, one step each per round (only that adapter active and trainable; the
+placement that starts a round rotates), untimed warm-up rounds first; each placement keeps the median of its timed
+steps. Round-robin, because the fit lives on the differences between placements: timed one after the other, a
+placement would also carry whatever the machine's load did meanwhile (a shared CPU drifts by several percent within
+a minute), and that drift lands in the fitted costs; interleaved, it hits every placement alike, as it does the
+arms of a benchmark trained round-robin. A LoRA layer whose adapter is inactive only runs its base layer (and a
+little Python around it).
 """
 
 from __future__ import annotations
@@ -184,12 +193,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# transformers keeps the handles of the input-require-grads hooks it registers under these attribute names
+_HOOK_HANDLES = ("_require_grads_hook", "_require_grads_hooks")
+
+
+def _hook_snapshot(model: nn.Module) -> list[tuple[dict, set]]:
+    """Every hook dict of every module with the keys it holds now (PEFT may register hooks: see :func:`calibrate`)."""
+    return [
+        (hooks, set(hooks))
+        for module in model.modules()
+        for name, hooks in vars(module).items()
+        if "_hooks" in name and isinstance(hooks, dict)  # also ``_forward_hooks_with_kwargs`` and its kind
+    ]
+
+
+def _restore_hooks(snapshot: list[tuple[dict, set]]) -> None:
+    for hooks, keys in snapshot:
+        for key in [k for k in hooks if k not in keys]:
+            del hooks[key]
+
+
+def _adapter_parameters(peft_model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The parameters of adapter ``name`` (PEFT names them ``...lora_A.<name>.weight``)."""
+    return [p for n, p in peft_model.named_parameters() if is_adapter_name(n) and f".{name}." in f".{n}."]
+
+
+def _activate(peft_model: Any, params: Mapping[str, list[nn.Parameter]], name: str) -> None:
+    """Make adapter ``name`` the only active and the only trainable one."""
+    peft_model.set_adapter(name)
+    # PEFT's set_adapter already freezes the others; set the flags here too, so that no version of it can leave an
+    # inactive adapter trainable and make the backward pass run deeper than the active placement's
+    for other, tensors in params.items():
+        for p in tensors:
+            p.requires_grad_(other == name)
+
+
 def calibrate(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
     *,
     placements: Sequence[Sequence[int]] | None = None,
-    steps: int = 3,
+    steps: int = 6,
     warmup: int = 1,
     r: int = 16,
     target_modules: Sequence[str] | None = None,
@@ -199,19 +243,23 @@ def calibrate(
 ) -> Calibration:
     """Time real LoRA steps for a few placements on this hardware and fit a :class:`Calibration`.
 
-    For each placement, adapters are injected with :func:`apply_aletheia_lora` and ``peft.get_peft_model``,
-    ``warmup + steps`` AdamW steps are run on ``batch`` and the median of the timed ones is kept; the adapters
-    are then removed again. The model's regime is measured as it is: gradient checkpointing if it is on, and
-    whether an input-require-grads hook makes the backward reach the embeddings.
+    Every placement is injected once, as its own named adapter of one ``PeftModel`` (configs from
+    :func:`apply_aletheia_lora`), with its own AdamW over its own parameters. The placements are then timed
+    round-robin: per round, one step of each placement with only its adapter active and trainable, the placement
+    that starts a round rotating from round to round; ``warmup`` untimed rounds, then ``steps`` timed ones, and the
+    median of each placement's timed steps is kept. All adapters are removed again afterwards. The model's regime is
+    measured as it is: gradient checkpointing if it is on, and whether an input-require-grads hook makes the
+    backward reach the embeddings.
 
     Args:
-        model: A causal LM without adapters. Its weights are not changed; it is left in the training mode and
-            with the ``requires_grad`` flags it came with.
+        model: A causal LM without adapters. It is left as it came: weights, ``requires_grad`` flags, training
+            mode, modules and hooks.
         batch: Model inputs: ``input_ids`` (and optionally ``attention_mask``, ``labels``; labels default to
             the input ids), on any device: they are moved to the model's.
         placements: Layer selections to time. Default: :func:`default_placements`.
-        steps: Timed steps per placement.
-        warmup: Untimed steps before them.
+        steps: Timed rounds: timed steps per placement. Six, because a median of three still moved a fitted
+            speedup by up to 19% between calibrations on a busy shared CPU, a median of six by 6.5%.
+        warmup: Untimed rounds before them.
         r: LoRA rank.
         target_modules: Adapted modules; default as :func:`apply_aletheia_lora`.
         lr: AdamW learning rate (the step's cost does not depend on it).
@@ -219,7 +267,7 @@ def calibrate(
         stack: The model's decoder stack, when the caller has found it already.
 
     Returns:
-        The fitted calibration; ``timings`` holds the medians.
+        The fitted calibration; ``timings`` holds the medians, in the order of ``placements``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -236,6 +284,11 @@ def calibrate(
     placements = [validate_selected_layers(layers, num_layers) for layers in placements]
     if not placements:
         raise ValueError("placements is empty: give at least one layer selection to time")
+    # every config is built from the bare model: once PEFT has wrapped it, its module names change
+    configs = [
+        apply_aletheia_lora(model, layers, r=r, target_modules=target_modules, stack=stack, **dict(lora_kwargs or {}))
+        for layers in placements
+    ]
 
     device = next(model.parameters()).device
     inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
@@ -243,39 +296,55 @@ def calibrate(
     inputs.setdefault("use_cache", False)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
-    gradient_checkpointing = _is_checkpointing(unwrap_model(model))
-    reaches_embeddings = False
-    timings = []
+    bare = unwrap_model(model)
+    gradient_checkpointing = _is_checkpointing(bare)
+    # PEFT registers an input-require-grads hook on a checkpointing model: taken off again afterwards
+    hooks = _hook_snapshot(model)
+    owners = [model] if bare is model else [model, bare]
+    handles = [{name: vars(m)[name] for name in _HOOK_HANDLES if name in vars(m)} for m in owners]
+    names = [f"calib{i}" for i in range(len(placements))]
+    times: dict[str, list[float]] = {name: [] for name in names}
     model.train()
+    peft_model = None
     try:
-        for layers in placements:
-            lora = dict(lora_kwargs or {})
-            config = apply_aletheia_lora(model, layers, r=r, target_modules=target_modules, stack=stack, **lora)
-            peft_model = get_peft_model(model, config)
-            try:
-                params = [p for p in peft_model.parameters() if p.requires_grad]
-                optimizer = torch.optim.AdamW(params, lr=lr)
-                probe = peft_model.get_input_embeddings()(inputs["input_ids"][:, :1])
-                reaches_embeddings |= bool(probe.requires_grad)
-                times = []
-                for step in range(warmup + steps):
-                    _sync(device)
-                    start = time.perf_counter()
-                    peft_model(**inputs).loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    _sync(device)
-                    if step >= warmup:
-                        times.append(time.perf_counter() - start)
-                timings.append((tuple(layers), statistics.median(times)))
-                logger.info("calibrate: layers %s: %.4f s/step", _span(layers), timings[-1][1])
-            finally:
-                model = peft_model.unload()
+        peft_model = get_peft_model(model, configs[0], adapter_name=names[0])
+        for name, config in zip(names[1:], configs[1:]):
+            peft_model.add_adapter(name, config)
+        params = {name: _adapter_parameters(peft_model, name) for name in names}
+        optimizers = {name: torch.optim.AdamW(params[name], lr=lr) for name in names}
+        probe = peft_model.get_input_embeddings()(inputs["input_ids"][:, :1])
+        reaches_embeddings = bool(probe.requires_grad)
+        for round_ in range(warmup + steps):
+            # the placement that starts a round rotates, as the measured arms of a benchmark do
+            first = round_ % len(names)
+            for name in names[first:] + names[:first]:
+                _activate(peft_model, params, name)
+                _sync(device)
+                start = time.perf_counter()
+                peft_model(**inputs).loss.backward()
+                optimizers[name].step()
+                optimizers[name].zero_grad(set_to_none=True)
+                _sync(device)
+                if round_ >= warmup:
+                    times[name].append(time.perf_counter() - start)
     finally:
+        if peft_model is not None:
+            # unload() puts every LoRA layer's base layer back, whichever adapters it held
+            model = peft_model.unload()
+        _restore_hooks(hooks)
+        for owner, held in zip(owners, handles):
+            for name in _HOOK_HANDLES:
+                if name in held:
+                    setattr(owner, name, held[name])
+                elif name in vars(owner):
+                    delattr(owner, name)
         for name, p in model.named_parameters():
             if name in requires_grad:
                 p.requires_grad_(requires_grad[name])
         model.train(was_training)
+    timings = [(tuple(layers), statistics.median(times[name])) for layers, name in zip(placements, names)]
+    for layers, seconds in timings:
+        logger.info("calibrate: layers %s: %.4f s/step", _span(layers), seconds)
     return Calibration.fit(
         num_layers,
         timings,
