@@ -19,3 +19,22 @@ def test_selection_cost_uses_the_runs_rank_and_checkpointing(lora):
     top_half = [3, 4, 5]
     assert cost(top_half) == pytest.approx(expected(top_half))
     assert cost(top_half) != pytest.approx(default(top_half))
+
+
+def test_beside_a_calibration_the_cached_predictions_are_priced_at_the_runs_rank():
+    from aletheia_lora.cost import Calibration
+    from aletheia_lora.forecast import plan_progressive
+    from aletheia_lora.plan import choose_layers
+
+    model = tiny_model("llama", n_layers=6)
+    calibration = Calibration.fit(6, {tuple(range(6)): 1.0, (3, 4, 5): 0.7, (1, 3, 5): 0.9})
+    scores = {i: float(6 - i) for i in range(6)}
+    shape = {"seq_len": 16, "batch_size": 2}
+    _, selection, cost = choose_layers(
+        model, None, select={"strategy": "contiguous"}, lora={"r": 4}, scores=scores, cost=calibration, **shape
+    )
+    assert cost is calibration and selection.predicted_speedup == calibration.speedup([3, 4, 5])
+    flops = selection_cost(model, lora={"r": 4}, **shape)
+    assert selection.cached_speedup == pytest.approx(flops.speedup([3, 4, 5], cached=True))
+    assert selection.cache_cost_model == flops.description and "r=4" in flops.description
+    assert selection.progressive_plan == plan_progressive(flops)

@@ -296,3 +296,81 @@ def test_train_module_keeps_its_names():
     # moved into evaluation.py, trainer.py and resume.py; still importable from where callers import them
     for name in ("evaluate_loss", "TrainingDiverged", "check_resume", "_atomic_save_adapter", "TrainConfig"):
         assert hasattr(train_module, name), name
+
+
+# --- what `probe` and `select` print: the static strategies, cached epochs, progressive freezing ---------------------
+
+
+def _uniform_selection(**kwargs):
+    from aletheia_lora.select import make_selection
+    from test_select import PROBE_LIKE
+
+    return make_selection(PROBE_LIKE, **kwargs)
+
+
+def test_selection_lines_show_cached_epochs_and_the_progressive_plan():
+    from aletheia_lora.cost import CostModel
+    from aletheia_lora.forecast import plan_progressive
+    from aletheia_lora.report import selection_lines
+
+    sel = _uniform_selection(strategy="truncation")  # 30 uniform blocks: speedups by hand, and no error band
+    uniform = CostModel.uniform(30)
+    low = sel.lowest_layer
+    alt = sel.alternatives
+    plan = plan_progressive(uniform)
+    basis = "uniform blocks (no model); no measured error band"
+    cached = uniform.speedup(sel.layers, cached=True)
+    share = {name: f"{a.captured_share:.1%}" for name, a in alt.items()}
+    assert selection_lines(sel) == [
+        "strategy        truncation",
+        f"selected        {list(sel.layers)}",
+        f"score captured  {sel.score_share:.1%}",
+        f"predicted       {sel.predicted_speedup:.2f}x faster per step than LoRA on all layers ({basis})",
+        f"cached epochs   {cached:.2f}x faster per step than LoRA on all layers with --cache-prefix, blocks "
+        f"0-{low - 1} skipped ({basis})",
+        f"  score        share {share['score']}, predicted 1.00x, lowest layer 0, cannot cache",
+        f"  contiguous   share {share['contiguous']}, predicted 1.33x, lowest layer 15, cached epochs 2.00x",
+        f"  truncation   share {share['truncation']}, predicted {sel.predicted_speedup:.2f}x, lowest layer {low}, "
+        f"cached epochs {cached:.2f}x",
+        "  progressive  planned: blocks 0-14 frozen one by one at even intervals (--max-frozen-pct 50; the gradient "
+        "rule decides the real freezes), predicted 1.14x over the run",
+        f"               with --cache-prefix: no faster below {plan.cache_from_epochs} epochs (a freeze must stand an "
+        "epoch before it is cached), up to 1.33x over many epochs",
+    ]
+    assert plan.cache_from_epochs == 19 and f"{plan.cached_speedup_limit:.2f}" == "1.33"
+    lines = selection_lines(_uniform_selection(strategy="score"))
+    assert lines[4] == "cached epochs   cannot cache: the lowest selected layer is 0 (truncation or contiguous can)"
+
+
+def test_beside_a_calibration_the_cached_figures_say_they_are_the_cost_models():
+    from aletheia_lora.cost import Calibration, CostModel
+    from aletheia_lora.report import selection_lines
+    from test_cost import SMOLLM2
+
+    calibration = Calibration.fit(30, {tuple(range(30)): 1.0, tuple(range(15, 30)): 0.7, tuple(range(1, 30, 2)): 0.9})
+    flops = CostModel.from_model(SMOLLM2, seq_len=128, batch_size=4, r=8)
+    sel = _uniform_selection(strategy="contiguous", cost=calibration, cache_cost=flops)
+    lines = selection_lines(sel)
+    assert lines[3].endswith("(calibrated on this machine)")
+    cached = flops.speedup(range(15, 30), cached=True)
+    assert lines[4] == (
+        f"cached epochs   {cached:.2f}x ± 6% faster per step than LoRA on all layers with --cache-prefix, blocks 0-14 "
+        "skipped (cost model, not calibrated)"
+    )
+    assert lines[6].endswith(f"lowest layer 15, cached epochs {cached:.2f}x (cost model)")
+    assert lines[8].startswith("  progressive  planned: ") and lines[8].endswith("over the run (cost model)")
+
+
+def test_a_selection_without_cached_predictions_prints_as_before():
+    from aletheia_lora.report import selection_lines
+    from aletheia_lora.select import Selection
+
+    data = _uniform_selection(strategy="contiguous").to_dict()
+    for key in ("cached_speedup", "progressive_plan"):
+        del data[key]
+    for alternative in data["alternatives"].values():
+        del alternative["cached_speedup"]
+    lines = selection_lines(Selection.from_dict(data))
+    assert len(lines) == 7 and not any("cache" in line or "progressive" in line for line in lines)
+    assert lines[-1] == "  truncation   share " + lines[-1].split("share ")[1]
+    assert lines[5].startswith("  contiguous   share ") and lines[5].endswith(", lowest layer 15")

@@ -6,6 +6,7 @@ import pytest
 
 from aletheia_lora import Selection, find_decoder_stack
 from aletheia_lora.cost import Calibration, CostModel
+from aletheia_lora.forecast import plan_progressive
 from aletheia_lora.select import (
     STRATEGIES,
     FrontierPoint,
@@ -72,6 +73,36 @@ def old_describe_selection(
     return selection
 
 
+def with_cache_predictions(old: dict, cache_cost: CostModel | None) -> dict:
+    """``old`` with what selection.json holds since the cached and progressive predictions: ``cached_speedup`` after
+    ``predicted_speedup`` (and in each alternative, last), ``progressive_plan`` after ``alternatives``; None where no
+    cost model priced them (a calibration without a model)."""
+
+    def cached(layers):
+        return None if cache_cost is None or min(layers) == 0 else cache_cost.speedup(layers, cached=True)
+
+    out = {}
+    for key, value in old.items():
+        if key == "alternatives":
+            value = {name: {**a, "cached_speedup": cached(a["layers"])} for name, a in value.items()}
+        out[key] = value
+        if key == "predicted_speedup":
+            out["cached_speedup"] = cached(old["selected_layers"])
+        if key == "alternatives":
+            out["progressive_plan"] = None if cache_cost is None else _plan_json(plan_progressive(cache_cost))
+    return out
+
+
+def _plan_json(plan) -> dict:
+    return {
+        "frozen_blocks": plan.frozen_blocks,
+        "max_frozen_pct": plan.max_frozen_pct,
+        "predicted_speedup": plan.speedup,
+        "cache_from_epochs": plan.cache_from_epochs,
+        "cached_speedup_limit": plan.cached_speedup_limit,
+    }
+
+
 CALIBRATION = Calibration.fit(30, {tuple(range(30)): 1.0, tuple(range(15, 30)): 0.7, tuple(range(1, 30, 2)): 0.9})
 COSTS = {
     "none": None,
@@ -88,8 +119,10 @@ def _bytes(selection: dict) -> str:
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("budget", [{}, {"top_pct": 30}, {"top_pct": 30.0}, {"top_pct": None, "top_k": 4}])
 def test_to_dict_is_the_old_layout_byte_for_byte(strategy, cost, budget):
+    """The old layout, with the cached and progressive predictions added where they belong (nothing else moved)."""
     kwargs = {"strategy": strategy, "cost": COSTS[cost], **budget}
-    old = old_describe_selection(PROBE_LIKE, **kwargs)
+    cache_cost = {"none": CostModel.uniform(30), "uniform": COSTS["uniform"], "calibration": None}[cost]
+    old = with_cache_predictions(old_describe_selection(PROBE_LIKE, **kwargs), cache_cost)
     selection = make_selection(PROBE_LIKE, **kwargs)
     assert _bytes(selection.to_dict()) == _bytes(old)
     old["probe_seconds"] = 1.25  # the pipeline's last key
@@ -100,7 +133,9 @@ def test_to_dict_with_a_model_and_a_target_speedup():
     model = tiny_model("llama", n_layers=6)
     scores = {i: float(6 - i) for i in range(6)}
     kwargs = {"model": model, "seq_len": 16, "batch_size": 2, "strategy": "truncation", "target_speedup": 1.05}
-    old = old_describe_selection(scores, **kwargs)
+    old = with_cache_predictions(
+        old_describe_selection(scores, **kwargs), CostModel.from_model(model, seq_len=16, batch_size=2)
+    )
     assert _bytes(make_selection(scores, **kwargs).to_dict()) == _bytes(old)
     # the stack found once gives the same selection
     stack = find_decoder_stack(model)
@@ -181,3 +216,75 @@ def test_bad_dicts_and_fields():
         Selection.from_dict([1, 2])
     with pytest.raises(ValueError, match=r"strategy must be one of \['score', .*'given'\], got 'best'"):
         Selection((1,), "best")
+
+
+# --- cached epochs and the progressive plan in selection.json -------------------------------------------------------
+
+
+def test_cached_and_progressive_predictions_are_kept_and_read_back():
+    selection = make_selection(PROBE_LIKE, strategy="truncation", cost=COSTS["uniform"])
+    cost = COSTS["uniform"]
+    assert selection.lowest_layer > 0
+    assert selection.cached_speedup == pytest.approx(cost.speedup(selection.layers, cached=True))
+    for alternative in selection.alternatives.values():
+        expected = None if alternative.lowest_layer == 0 else cost.speedup(alternative.layers, cached=True)
+        assert alternative.cached_speedup == (expected if expected is None else pytest.approx(expected))
+    assert selection.alternatives["score"].cached_speedup is None  # PROBE_LIKE's best-scored block is 0
+    assert selection.progressive_plan == plan_progressive(cost)
+    assert selection.cache_cost_model is None  # the cost model that priced the speedups priced these too
+    data = json.loads(json.dumps(selection.to_dict()))
+    assert data["progressive_plan"]["predicted_speedup"] == selection.progressive_plan.speedup
+    assert data["alternatives"]["contiguous"]["cached_speedup"] == selection.alternatives["contiguous"].cached_speedup
+    back = Selection.from_dict(data)
+    assert back == Selection(**{**vars(selection), "frontier": back.frontier})
+
+
+def test_a_selection_json_from_before_the_cached_predictions_still_loads():
+    data = make_selection(PROBE_LIKE, strategy="contiguous").with_probe_seconds(1.0).to_dict()
+    for key in ("cached_speedup", "progressive_plan"):
+        del data[key]
+    for alternative in data["alternatives"].values():
+        del alternative["cached_speedup"]
+    old = Selection.from_dict(json.loads(json.dumps(data)))
+    assert old.cached_speedup is None and old.progressive_plan is None and old.cache_cost_model is None
+    assert all(a.cached_speedup is None for a in old.alternatives.values())
+    assert old.to_dict()["cached_speedup"] is None and old.to_dict()["progressive_plan"] is None
+
+
+def test_beside_a_calibration_the_cost_model_prices_the_cached_steps():
+    # a calibration without a model has no cache term and nothing to count: no cached predictions
+    timed = make_selection(PROBE_LIKE, strategy="contiguous", cost=CALIBRATION)
+    assert timed.cached_speedup is None and timed.progressive_plan is None
+    assert all(a.cached_speedup is None for a in timed.alternatives.values())
+    # with one, the cached figures are its; selection.json names it after cost_model
+    cache_cost = CostModel.uniform(30, head_share=0.1)
+    both = make_selection(PROBE_LIKE, strategy="contiguous", cost=CALIBRATION, cache_cost=cache_cost)
+    assert both.predicted_speedup == CALIBRATION.speedup(both.layers)
+    assert both.cached_speedup == pytest.approx(cache_cost.speedup(both.layers, cached=True))
+    assert both.progressive_plan == plan_progressive(cache_cost)
+    assert both.cache_cost_model == cache_cost.description
+    keys = list(both.to_dict())
+    assert keys[keys.index("cost_model") + 1] == "cache_cost_model"
+    assert Selection.from_dict(json.loads(json.dumps(both.to_dict()))).cache_cost_model == cache_cost.description
+    # a model's FLOP count, when no cache cost is given
+    model = tiny_model("llama", n_layers=6)
+    scores = {i: float(6 - i) for i in range(6)}
+    calibration = Calibration.fit(6, {tuple(range(6)): 1.0, (3, 4, 5): 0.7, (1, 3, 5): 0.9})
+    flops = CostModel.from_model(model, seq_len=16, batch_size=2)
+    counted = make_selection(scores, model=model, seq_len=16, batch_size=2, strategy="contiguous", cost=calibration)
+    assert counted.cached_speedup == pytest.approx(flops.speedup([3, 4, 5], cached=True))
+    assert counted.cache_cost_model == flops.description
+    with pytest.raises(TypeError, match="cache_cost must be a CostModel, got Calibration"):
+        make_selection(PROBE_LIKE, cache_cost=CALIBRATION)
+    with pytest.raises(ValueError, match="the cost model has 4 layers"):
+        make_selection(PROBE_LIKE, cache_cost=CostModel.uniform(4))
+
+
+def test_the_progressive_floor_is_passed_on_and_a_bad_plan_is_refused():
+    assert make_selection(PROBE_LIKE, max_frozen_pct=20).progressive_plan == plan_progressive(
+        CostModel.uniform(30), 20
+    )
+    data = make_selection(PROBE_LIKE).to_dict()
+    data["progressive_plan"] = {"speedup": 1.1}
+    with pytest.raises(ValueError, match=r"progressive_plan must be a mapping with keys \['frozen_blocks'"):
+        Selection.from_dict(data)

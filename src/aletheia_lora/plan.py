@@ -241,6 +241,17 @@ def choose_layers(
     else:
         scores = scores if isinstance(scores, LayerScores) else LayerScores(scores)
         seconds = 0.0
+    if isinstance(cost, Calibration) and "cache_cost" not in select_kwargs:
+        # a calibration has no cache term: the cached and progressive predictions come from the FLOP count at the
+        # run's rank, targets and checkpointing
+        select_kwargs["cache_cost"] = selection_cost(
+            model,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            lora=lora,
+            gradient_checkpointing=gradient_checkpointing,
+            stack=stack,
+        )
     selection = make_selection(
         scores, model=model, seq_len=seq_len, batch_size=batch_size, cost=cost, stack=stack, **select_kwargs
     ).with_probe_seconds(seconds)

@@ -45,16 +45,64 @@ def predicted_text(sel: Selection, than: str = "LoRA on all layers") -> str:
     return f"{sel.predicted_speedup:.2f}x{plus_minus} faster per step than {than} ({basis})"
 
 
+def _cache_priced(sel: Selection) -> bool:
+    """Whether a cost model priced ``sel``'s cached steps (a selection.json from before them, or one timed by a
+    calibration without a model, has none)."""
+    cached = [sel.cached_speedup, *(a.cached_speedup for a in sel.alternatives.values())]
+    return sel.progressive_plan is not None or any(x is not None for x in cached)
+
+
+def _blocks(count: int) -> str:
+    return "block 0" if count == 1 else f"blocks 0-{count - 1}"
+
+
+def _cached_line(sel: Selection) -> str:
+    """``cached epochs   1.70x ± 6% per step ...``: the chosen selection's step once ``--cache-prefix`` feeds it.
+    Its basis is the cost model's even beside a calibration, which has no cache term."""
+    if sel.cached_speedup is None:
+        lowest = sel.lowest_layer
+        return f"cached epochs   cannot cache: the lowest selected layer is {lowest} (truncation or contiguous can)"
+    band, basis = prediction_basis(sel.cache_cost_model or sel.cost_model)
+    plus_minus = "" if band is None else f" ± {band:.0%}"
+    return (f"cached epochs   {sel.cached_speedup:.2f}x{plus_minus} faster per step than LoRA on all layers with "
+            f"--cache-prefix, {_blocks(sel.lowest_layer)} skipped ({basis})")  # fmt: skip
+
+
+def _progressive_lines(sel: Selection, tag: str) -> list[str]:
+    """The progressive prediction: its planned schedule, its speedup over the run, and what the cache adds."""
+    plan = sel.progressive_plan
+    first = (f"  {'progressive':<12} planned: {_blocks(plan.frozen_blocks)} frozen one by one at even intervals "
+             f"(--max-frozen-pct {plan.max_frozen_pct:g}; the gradient rule decides the real freezes), predicted "
+             f"{plan.speedup:.2f}x over the run{tag}")  # fmt: skip
+    if plan.cache_from_epochs is None:  # nothing below the frozen blocks to skip (no cost in the prefix)
+        return [first, f"  {'':<12} with --cache-prefix: never faster"]
+    second = (f"  {'':<12} with --cache-prefix: no faster below {plan.cache_from_epochs} epochs (a freeze must stand "
+              f"an epoch before it is cached), up to {plan.cached_speedup_limit:.2f}x over many epochs")  # fmt: skip
+    return [first, second]
+
+
 def selection_lines(sel: Selection) -> list[str]:
-    """What ``probe`` and ``select`` print: the selection, its score share and predicted speedup, the alternatives."""
+    """What ``probe`` and ``select`` print: the selection, its score share and predicted speedup (uncached and with
+    the prefix cache), the alternative strategies, and progressive freezing on a planned schedule."""
     lines = [f"strategy        {sel.strategy}", f"selected        {list(sel.layers)}"]
     if sel.score_share is not None:
         lines.append(f"score captured  {sel.score_share:.1%}")
     if sel.predicted_speedup is not None:
         lines.append(f"predicted       {predicted_text(sel)}")
+    priced = _cache_priced(sel)
+    if priced:
+        lines.append(_cached_line(sel))
+    # beside a calibration the cached figures are the cost model's: said on each, so none passes for calibrated
+    tag = " (cost model)" if sel.calibration is not None else ""
     for name, other in sel.alternatives.items():
-        lines.append(f"  {name:<12} share {other.captured_share:.1%}, predicted {other.speedup:.2f}x, "
-                     f"lowest layer {other.lowest_layer}")  # fmt: skip
+        line = (f"  {name:<12} share {other.captured_share:.1%}, predicted {other.speedup:.2f}x, "
+                f"lowest layer {other.lowest_layer}")  # fmt: skip
+        if priced:
+            cached = other.cached_speedup
+            line += ", cannot cache" if cached is None else f", cached epochs {cached:.2f}x{tag}"
+        lines.append(line)
+    if sel.progressive_plan is not None:
+        lines += _progressive_lines(sel, tag)
     return lines
 
 

@@ -30,6 +30,7 @@ from aletheia_lora.checks import (
     validate_selected_layers,
 )
 from aletheia_lora.cost import Calibration, CostModel
+from aletheia_lora.forecast import DEFAULT_MAX_FROZEN_PCT, ProgressivePlan, cached_speedup, plan_progressive
 from aletheia_lora.frontier import candidates, exact, pareto_flags
 from aletheia_lora.layers import DecoderStack
 
@@ -80,12 +81,15 @@ class SelectionSummary:
         lowest_layer: The lowest selected block: the backward pass stops there.
         captured_share: Share of the total probe score held by the selected blocks, in [0, 1].
         speedup: Predicted step-time ratio of LoRA on every block to LoRA on these (> 1 is faster).
+        cached_speedup: The same for a step fed by the prefix cache (``--cache-prefix``: the blocks below
+            ``lowest_layer`` skipped), from a :class:`CostModel`; None when ``lowest_layer`` is 0 or none priced it.
     """
 
     layers: tuple[int, ...]
     lowest_layer: int
     captured_share: float
     speedup: float
+    cached_speedup: float | None = None
 
 
 @dataclass(frozen=True)
@@ -395,6 +399,11 @@ class Selection:
             share and speedup; read back, its ``layers`` are empty and ``pareto`` is recomputed from the points.
         calibration: The numbers of the :class:`Calibration` the speedups came from, if any.
         probe_seconds: Time the probe took (0.0 for given blocks and saved scores); None when not recorded.
+        cached_speedup: Predicted speedup of a step fed by the prefix cache (``--cache-prefix``); None when the
+            lowest selected block is 0 or no cost model priced it.
+        cache_cost_model: What priced the cached and progressive predictions when it is not ``cost_model``: a
+            calibration has no cache term, so the model's cost model prices them; None: ``cost_model`` did.
+        progressive_plan: What ``--strategy progressive`` is predicted to save on a planned schedule.
     """
 
     layers: tuple[int, ...]
@@ -410,6 +419,9 @@ class Selection:
     frontier: tuple[FrontierPoint, ...] = ()
     calibration: Mapping[str, Any] | None = None
     probe_seconds: float | None = None
+    cached_speedup: float | None = None
+    cache_cost_model: str | None = None
+    progressive_plan: ProgressivePlan | None = None
 
     def __post_init__(self) -> None:
         layers = tuple(validate_selected_layers(self.layers))
@@ -449,8 +461,11 @@ class Selection:
                 "lowest_layer": self.lowest_layer,
                 "score_share": self.score_share,
                 "predicted_speedup": self.predicted_speedup,
+                "cached_speedup": self.cached_speedup,
                 "cost_model": self.cost_model,
+                **({} if self.cache_cost_model is None else {"cache_cost_model": self.cache_cost_model}),
                 "alternatives": {name: _summary_dict(s) for name, s in self.alternatives.items()},
+                "progressive_plan": None if self.progressive_plan is None else self.progressive_plan.to_dict(),
                 "frontier": [
                     {"lowest_layer": p.lowest_layer, "score_share": p.captured_share, "predicted_speedup": p.speedup}
                     for p in self.frontier
@@ -488,10 +503,17 @@ class Selection:
             FrontierPoint((), lowest, share, speedup, pareto=flag)
             for (lowest, share, speedup), flag in zip(points, pareto)
         )
-        alternatives = {
-            name: SelectionSummary(tuple(a["layers"]), a["lowest_layer"], a["score_share"], a["predicted_speedup"])
+        alternatives = {  # selection.json files written before the cached predictions have none: None
+            name: SelectionSummary(
+                tuple(a["layers"]),
+                a["lowest_layer"],
+                a["score_share"],
+                a["predicted_speedup"],
+                a.get("cached_speedup"),
+            )
             for name, a in data.get("alternatives", {}).items()
         }
+        plan = data.get("progressive_plan")
         return cls(
             layers=tuple(data["selected_layers"]),
             strategy=data["strategy"],
@@ -506,20 +528,14 @@ class Selection:
             frontier=frontier,
             calibration=data.get("calibration"),
             probe_seconds=data.get("probe_seconds"),
+            cached_speedup=data.get("cached_speedup"),
+            cache_cost_model=data.get("cache_cost_model"),
+            progressive_plan=None if plan is None else ProgressivePlan.from_dict(plan),
         )
 
 
-_SCORED_KEYS = (
-    "top_pct",
-    "top_k",
-    "target_speedup",
-    "lowest_layer",
-    "score_share",
-    "predicted_speedup",
-    "cost_model",
-    "alternatives",
-    "frontier",
-)
+_SCORED_KEYS = ("top_pct", "top_k", "target_speedup", "lowest_layer", "score_share", "predicted_speedup")
+_SCORED_KEYS += ("cached_speedup", "cost_model", "cache_cost_model", "alternatives", "progressive_plan", "frontier")
 
 
 def _summary_dict(summary: SelectionSummary) -> dict[str, Any]:
@@ -528,6 +544,7 @@ def _summary_dict(summary: SelectionSummary) -> dict[str, Any]:
         "score_share": summary.captured_share,
         "predicted_speedup": summary.speedup,
         "lowest_layer": summary.lowest_layer,
+        "cached_speedup": summary.cached_speedup,
     }
 
 
@@ -553,12 +570,17 @@ def make_selection(
     target_speedup: float | None = None,
     cost: CostModel | Calibration | None = None,
     stack: DecoderStack | None = None,
+    cache_cost: CostModel | None = None,
+    max_frozen_pct: float = DEFAULT_MAX_FROZEN_PCT,
 ) -> Selection:
     """Select layers and describe the choice: score captured, predicted speedup, and every strategy side by side.
 
     The speedups come from ``cost`` when given (e.g. a :class:`Calibration` timed on this hardware, whose
     numbers the selection then records); else, with ``model``, from its FLOP count at ``seq_len`` x
-    ``batch_size``; without either, from the model-free approximation (uniform blocks).
+    ``batch_size``; without either, from the model-free approximation (uniform blocks). The cached-step and
+    progressive predictions (:func:`cached_speedup`, :func:`plan_progressive`) need a :class:`CostModel`:
+    ``cache_cost`` when given, else the one that priced the speedups, else (beside a :class:`Calibration`, which has
+    no cache term) the FLOP count of ``model``; without any, they are None.
 
     Args:
         scores: Layer index -> score, as returned by :func:`gradient_probe`.
@@ -568,6 +590,9 @@ def make_selection(
         top_pct, top_k, strategy, target_speedup: As :func:`select_layers`.
         cost: What predicts the speedups.
         stack: ``model``'s decoder stack, when the caller has found it already.
+        cache_cost: What prices the cached and progressive predictions (e.g. beside a :class:`Calibration`, the
+            FLOP count at the run's rank and checkpointing).
+        max_frozen_pct: The ``--max-frozen-pct`` floor of the progressive prediction.
 
     Returns:
         The :class:`Selection`.
@@ -584,6 +609,20 @@ def make_selection(
     alternatives = {
         name: summarize_selection(checked, _choose(checked, k, name, None, frontier), cost=cost) for name in STRATEGIES
     }
+    priced = _cost_fn(cost, checked)  # the cost itself, or the uniform blocks that priced the speedups
+    if cache_cost is not None:
+        if not isinstance(cache_cost, CostModel):
+            raise TypeError(f"cache_cost must be a CostModel, got {type(cache_cost).__name__}")
+        _cost_fn(cache_cost, checked)  # checked against the scored layers
+    elif isinstance(priced, CostModel):
+        cache_cost = priced
+    elif model is not None:  # a calibration has no cache term: the model's FLOP count prices the cached steps
+        cache_cost = CostModel.from_model(model, seq_len=seq_len, batch_size=batch_size, stack=stack)
+    if cache_cost is not None:
+        alternatives = {
+            n: replace(a, cached_speedup=cached_speedup(cache_cost, a.layers)) for n, a in alternatives.items()
+        }
+    description = cost.description if cost is not None else UNIFORM_DESCRIPTION
     return Selection(
         layers=tuple(layers),
         strategy=strategy,
@@ -593,8 +632,11 @@ def make_selection(
         lowest_layer=summary.lowest_layer,
         score_share=summary.captured_share,
         predicted_speedup=summary.speedup,
-        cost_model=cost.description if cost is not None else UNIFORM_DESCRIPTION,
+        cost_model=description,
         alternatives=alternatives,
         frontier=tuple(frontier),
         calibration=calibration_numbers(cost) if isinstance(cost, Calibration) else None,
+        cached_speedup=None if cache_cost is None else cached_speedup(cache_cost, layers),
+        cache_cost_model=None if cache_cost is None or cache_cost is priced else cache_cost.description,
+        progressive_plan=None if cache_cost is None else plan_progressive(cache_cost, max_frozen_pct),
     )
