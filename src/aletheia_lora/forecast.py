@@ -38,7 +38,7 @@ def cached_speedup(cost: CostModel, layers: Sequence[int]) -> float | None:
     layers = validate_selected_layers(layers, cost.num_layers)
     if layers[0] == 0:
         return None
-    return cost.step_cost(range(cost.num_layers)).effective / cost.step_cost(layers, cached=True).effective
+    return cost.speedup(layers, cached=True)
 
 
 def planned_freezes(num_blocks: int, steps: int, max_frozen_pct: float = DEFAULT_MAX_FROZEN_PCT) -> list[dict]:
