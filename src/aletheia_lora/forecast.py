@@ -25,8 +25,8 @@ from aletheia_lora.checks import check_int, check_number, validate_selected_laye
 from aletheia_lora.cost import CostModel
 from aletheia_lora.timeline import TimelinePrediction, predict_timeline
 
-# freeze.DEFAULT_MAX_FROZEN_PCT, written here too: freeze imports this module's importers (reprobe -> select), so this
-# module cannot import freeze; a test keeps them equal.
+# --max-frozen-pct's default, here rather than in freeze (which imports it): freeze imports this module's importers
+# (reprobe -> select). The hand trial froze 15 of 30 blocks (0-14) and reached all-layer quality.
 DEFAULT_MAX_FROZEN_PCT = 50.0
 # A relative slack: a cached run exactly as fast as the uncached one does not pay.
 _TIE = 1e-9

@@ -52,6 +52,7 @@ from transformers import TrainerCallback
 from aletheia_lora.checks import check_int, check_number, read_data_file, validate_selected_layers
 from aletheia_lora.distributed import collective_device, is_distributed, world_size
 from aletheia_lora.files import write_json
+from aletheia_lora.forecast import DEFAULT_MAX_FROZEN_PCT
 from aletheia_lora.layers import DecoderStack, find_decoder_stack
 from aletheia_lora.prefix_cache import PrefixCache, check_cacheable, dropout_modules, strip_row_ids
 from aletheia_lora.reprobe import _adapter_modules, _adapter_parameters, set_trainable_layers, uncovered_layers
@@ -59,7 +60,6 @@ from aletheia_lora.reprobe import _adapter_modules, _adapter_parameters, set_tra
 logger = logging.getLogger(__name__)
 
 DEFAULT_FREEZE_EVERY = 20  # the hand trial froze at steps 60-100 of 200; 20 gives 3-5 decisions by then
-DEFAULT_MAX_FROZEN_PCT = 50.0  # the hand trial froze 15 of 30 blocks (0-14) and reached all-layer quality
 STATE_NAME = "freeze.json"  # in each checkpoint folder
 
 
