@@ -105,7 +105,9 @@ def test_arms_adapt_the_budget_and_the_backward_stops_at_their_lowest_layer(tiny
         assert arm["predicted_speedup"] > 0 and arm["measured_speedup"] > 0 and arm["tokens_per_second"] > 0
         assert arm["memory"]["trainable_parameters"] > 0 and arm["memory"]["saved_activations_mb"] > 0
         assert arm["prediction_error"] == pytest.approx(arm["predicted_speedup"] / arm["measured_speedup"] - 1)
+        assert arm["calibrated_error"] == pytest.approx(arm["calibrated_speedup"] / arm["measured_speedup"] - 1)
     assert arms["all"]["measured_speedup"] == 1.0 and arms["all"]["predicted_speedup"] == pytest.approx(1.0)
+    assert arms["all"]["calibrated_speedup"] == pytest.approx(1.0)
     for kind in ("score", "truncation", "contiguous"):
         assert result["cli_layers"][kind] == arms[kind]["layers"]
 
@@ -176,7 +178,7 @@ def test_markdown_renders_from_the_json_alone(tiny_run, tmp_path):
     for heading in ("## Equal steps", "## Equal time", "## Time to quality", "## Targets", "## Reading"):
         assert heading in text
     verdicts = [line for line in text.splitlines() if line.endswith(("| met |", "| MISSED |"))]
-    assert len(verdicts) == len(result["targets"]) + 1 == 7  # the header ends in "| met |" too
+    assert len(verdicts) == len(result["targets"]) + 1 == 8  # the header ends in "| met |" too
     assert "Default strategy by these figures" in text
     # --render-only rebuilds the same table from the JSON in another folder
     (tmp_path / "train_t.json").write_text(json.dumps(result))
@@ -231,6 +233,23 @@ def test_settings_shared_with_a_stage_carry_its_name_and_help():
     assert {"r", "lora_alpha", "top_pct", "warmup_steps", "eval_steps", "learning_rate", "data"} <= shared
     # one name, one meaning: the untimed steps are not the learning-rate warm-up
     assert "untimed_steps" not in shared and "budget_pct" not in bench and "lr_warmup_steps" not in bench
+
+
+def test_each_arm_is_predicted_by_the_cost_model_and_by_a_calibration_timed_before_training(tiny_run):
+    result = tiny_run["result"]
+    calibration = result["calibration"]
+    placements = [t["layers"] for t in calibration["timings"]]
+    assert placements == [list(range(LAYERS)), [3, 4, 5], [1, 3, 5]]  # --calibrate's default placements
+    assert calibration["seconds"] > 0 and all(t["seconds"] > 0 for t in calibration["timings"])
+    assert calibration["description"].startswith("calibrated on this hardware from 3 timed placements")
+    contiguous = _arms(result)["contiguous"]
+    assert contiguous["calibrated_speedup"] > 0
+    text = (tiny_run["out"] / "train_t.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| contiguous | 3: 3-5 | 3 |"))
+    assert f"| {contiguous['calibrated_speedup']:.2f}x | {contiguous['calibrated_error']:+.1%} |" in row
+    target = next(t for t in result["targets"] if t["target"].startswith("calibrated prediction"))
+    speedup, error = (_arms(result)["truncation"][k] for k in ("calibrated_speedup", "calibrated_error"))
+    assert target["met"] == (abs(error) <= 0.05) and target["value"] == f"{speedup:.2f}x predicted, {error:+.1%}"
 
 
 def test_committed_results_render_their_committed_tables():
@@ -444,7 +463,8 @@ def test_general_data_none_skips_forgetting_and_says_why_once(tiny_checkpoint, t
     config = tmp_path / "none.yaml"
     config.write_text(yaml.safe_dump({**settings, "model": str(tiny_checkpoint) + "/"}))
     out = tmp_path / "out"
-    assert main(["bench", "--config", str(config), "--general-data", "none", "--out", str(out), "-q"]) == 0
+    argv = ["bench", "--config", str(config), "--general-data", "none", "--no-calibrate", "--out", str(out), "-q"]
+    assert main(argv) == 0
     name = tiny_checkpoint.name  # e.g. tiny-llama0: the checkpoint folder, not train_smollm2
     assert f"wrote {out / f'train_{name}.json'}" in capsys.readouterr().out
     result = load_result(out / f"train_{name}.json")
@@ -459,6 +479,9 @@ def test_general_data_none_skips_forgetting_and_says_why_once(tiny_checkpoint, t
     assert text == render_markdown(result)
     assert text.count("Forgetting is not measured") == 1 and "general corpus for forgetting" not in text
     assert "| forgetting no worse than all-layer LoRA (equal steps) | not measured (no general corpus) | - |" in text
+    # --no-calibrate: no calibration, '-' for its prediction and target
+    assert result["calibration"] is None and all(a["calibrated_speedup"] is None for a in result["arms"])
+    assert "| calibrated prediction within 5% of measured | not calibrated | - |" in text
     headline = [line for line in text.splitlines() if line.startswith("| truncation |")][0]
     assert headline.split(" | ")[6] == "-"  # the forgetting column
     assert "forgetting" not in text.split("## Reading")[1].split("Default strategy")[0].lower()

@@ -336,8 +336,9 @@ class SelectConfig:
     calibrate: bool = field(
         default=False,
         metadata={
-            "help": "Predict speedups from a few LoRA steps timed on this hardware (3 placements x 4 steps at the "
-            "training batch) instead of the FLOP count, which misses what small rank-r products cost on a CPU"
+            "help": "Predict speedups from LoRA steps timed on this hardware (3 placements, 1 untimed + 6 timed steps "
+            "each, round-robin at the training batch) instead of the cost model, whose per-module overheads were "
+            "measured on another CPU"
         },
     )
 

@@ -42,6 +42,8 @@ def compare_arms(result: dict) -> None:
         # steps of the same index ran in the same round: their ratio cancels drift between rounds
         arm["paired_speedup"] = statistics.median(b / t for b, t in zip(base_times, times))
         arm["prediction_error"] = arm["predicted_speedup"] / measured - 1
+        calibrated = arm.get("calibrated_speedup")  # absent from results written before calibration was recorded
+        arm["calibrated_error"] = None if calibrated is None else calibrated / measured - 1
         for view in arm["views"].values():
             base_view = base["views"]["equal_steps"]
             view["target_vs_all"] = view["target_loss"] / base_view["target_loss"]
@@ -77,6 +79,10 @@ def assess_targets(result: dict) -> list[dict]:
          arm["measured_speedup"] >= 1.30),
         ("predicted speedup within 10% of measured", f"{arm['predicted_speedup']:.2f}x predicted, "
          f"{arm['prediction_error']:+.1%}", abs(arm["prediction_error"]) <= 0.10),
+        ("calibrated prediction within 5% of measured",
+         "not calibrated" if arm.get("calibrated_error") is None
+         else f"{arm['calibrated_speedup']:.2f}x predicted, {arm['calibrated_error']:+.1%}",
+         None if arm.get("calibrated_error") is None else abs(arm["calibrated_error"]) <= 0.05),
         ("target eval loss within 2% of all-layer LoRA (equal steps)",
          f"{steps['target_loss']:.4f} vs {base['views']['equal_steps']['target_loss']:.4f} "
          f"({steps['target_vs_all'] - 1:+.2%})", steps["target_vs_all"] <= 1.02),

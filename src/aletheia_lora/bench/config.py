@@ -174,6 +174,13 @@ class BenchConfig:
     )
     lora_alpha: float = stage_field(LoraSettings, "lora_alpha", default=16)
     top_pct: float = stage_field(SelectConfig, "top_pct", note="Here below 100: the share every selective arm adapts.")
+    calibrate: bool = stage_field(
+        SelectConfig,
+        "calibrate",
+        default=True,
+        note="Here beside the cost model: each arm records both predictions; the timing runs before any arm trains, "
+        "off every arm's clock.",
+    )
     arms: list[str] = field(
         default_factory=lambda: list(ARM_KINDS[:5]),
         metadata={

@@ -46,6 +46,10 @@ def _num(value, fmt: str, none: str = "-") -> str:
     return none if value is None else format(value, fmt)
 
 
+def _speedup(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def _recommendation(result: dict) -> list[str]:
     """Which selection strategy the figures favour as the CLI default, and the best quality per time."""
     arms = [a for a in result["arms"] if a["kind"] in STRATEGY_ARMS]
@@ -105,14 +109,20 @@ def _overview(result: dict) -> list[str]:
     order = sorted(selective, key=lambda a: a["measured_speedup"])
     same_order = order == sorted(selective, key=lambda a: a["predicted_speedup"])
     lines.append(
-        f"- The FLOP cost model's predicted speedups are off by {min(errors):+.1%} to {max(errors):+.1%} of the "
+        f"- The cost model's predicted speedups are off by {min(errors):+.1%} to {max(errors):+.1%} of the "
         f"measured ones and {'rank' if same_order else 'do not rank'} the arms in the measured order"
         + (
-            " (all too low, as if the adapters' small rank-r products cost more than their FLOPs on a CPU)."
+            " (all too low, as if the adapters' small rank-r products cost more than the model counts on a CPU)."
             if max(errors) < 0 and result["machine"]["device"] == "cpu"
             else "."
         )
     )
+    calibrated = [a["calibrated_error"] for a in selective if a.get("calibrated_error") is not None]
+    if calibrated:
+        lines.append(
+            f"- Calibrated on this machine before training ({result['calibration']['seconds']:.0f} s), the "
+            f"predictions are off by {min(calibrated):+.1%} to {max(calibrated):+.1%}."
+        )
     saved = sorted(result["arms"], key=lambda a: a["lowest_layer"])
     if all(a["memory"].get("saved_activations_mb") is not None for a in saved):
         lines.append(
@@ -254,13 +264,15 @@ def _equal_steps(result: dict, h: str) -> list[str]:
         f"{h}# Equal steps ({cfg['max_steps']} steps each)",
         "",
         f"Speedup: all-layer median step time / the arm's (first {cfg['untimed_steps']} steps left out); paired: "
-        f"median of the per-round ratios. Memory: growth of {'resident' if rss else 'allocated'} memory while "
+        "median of the per-round ratios. Predicted: the run's cost model (`cost_model` in the JSON); calibrated: "
+        "`--calibrate`'s fit to LoRA steps timed before training (- where not calibrated); error: prediction / "
+        f"measured - 1. Memory: growth of {'resident' if rss else 'allocated'} memory while "
         "building the arm (model copy, adapters, optimizer) and its peak growth during its first step; saved: "
         "activations autograd kept for the backward pass. Forgetting: general-corpus loss after minus before.",
         "",
-        "| arm | layers | backward down to | s/step | tokens/s | speedup | paired | predicted | error "
-        "| build MB | step peak MB | saved MB | target loss | vs all | forgetting |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | layers | backward down to | s/step | tokens/s | speedup | paired | predicted | error | calibrated "
+        "| error | build MB | step peak MB | saved MB | target loss | vs all | forgetting |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in result["arms"]:
         view, mem = arm["views"]["equal_steps"], arm["memory"]
@@ -268,6 +280,7 @@ def _equal_steps(result: dict, h: str) -> list[str]:
             f"| {arm['name']} | {layers_text(arm['layers'], n)} | {arm['lowest_layer_reached']} "
             f"| {arm['median_step_seconds']:.3f} | {arm['tokens_per_second']:.0f} | {arm['measured_speedup']:.2f}x "
             f"| {arm['paired_speedup']:.2f}x | {arm['predicted_speedup']:.2f}x | {arm['prediction_error']:+.1%} "
+            f"| {_speedup(arm.get('calibrated_speedup'))} | {_num(arm.get('calibrated_error'), '+.1%')} "
             f"| {_num(mem.get('build_mb'), '.0f')} | {_num(mem.get('first_step_peak_mb'), '.0f')} "
             f"| {_num(mem.get('saved_activations_mb'), '.0f')} | {view['target_loss']:.4f} "
             f"| {view['target_vs_all'] - 1:+.2%} | {_num(view['forgetting'], '+.4f')} |"

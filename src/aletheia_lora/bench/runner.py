@@ -23,6 +23,7 @@ from aletheia_lora.bench.config import BASELINE, BEYOND_ARMS, COSINE_FLOOR, STRA
 from aletheia_lora.bench.measure import MB, BackwardTrace, Memory, machine_info, release_free_memory, timed_step
 from aletheia_lora.bench.render import render_outputs
 from aletheia_lora.bench.workload import Batches, load_workload, lora_copy
+from aletheia_lora.calibrate import Calibration, calibrate
 from aletheia_lora.cost import CostModel
 from aletheia_lora.depth import EMBEDDINGS
 from aletheia_lora.evaluation import evaluate_loss
@@ -361,6 +362,14 @@ def run_bench(
 
     cost = CostModel.from_model(base, seq_len=config.max_length, batch_size=config.batch_size, r=config.r, stack=stack)
     specs, frontier = _arm_specs(config, scores, cost, num_layers)
+    calibration, calibration_seconds = None, None
+    if config.calibrate:
+        # as `--calibrate` does (its placements and steps, on the first training batch), with the arms' LoRA; the
+        # selections stay the cost model's, the calibration only predicts beside it
+        start = time.perf_counter()
+        lora_kwargs = {"lora_alpha": config.lora_alpha, "lora_dropout": 0.0}
+        calibration = calibrate(base, batches(0), r=config.r, lora_kwargs=lora_kwargs, stack=stack)
+        calibration_seconds = time.perf_counter() - start
     # What `aletheia-lora probe|train` would pick with each strategy (its cost model assumes its default rank).
     shape = {"seq_len": config.max_length, "batch_size": config.batch_size}
     cli_cost = selection_cost(base, **shape, stack=stack)
@@ -397,6 +406,13 @@ def run_bench(
         "cpu_seconds": time.process_time() - cpu_started,
         "probe": {"seconds": probe_seconds, "scores": {str(k): v for k, v in sorted(scores.items())}},
         "cost_model": cost.description,
+        "calibration": None
+        if calibration is None
+        else {
+            "seconds": calibration_seconds,
+            "description": calibration.description,
+            "timings": [{"layers": list(layers), "seconds": t} for layers, t in calibration.timings],
+        },
         "cli_layers": cli_layers,
         "frontier": [
             {
@@ -413,7 +429,8 @@ def run_bench(
         "quality": {"target_loss": goal, "cap": config.quality_cap, "cap_seconds": cap_seconds},
         "step_order": runner.order,
         "arms": [
-            summarize_arm(arm, config, scores, cost, probe_seconds, base_target, base_general) for arm in runner.arms
+            summarize_arm(arm, config, scores, cost, calibration, probe_seconds, base_target, base_general)
+            for arm in runner.arms
         ],
     }
     compare_arms(result)
@@ -429,6 +446,7 @@ def summarize_arm(
     config: BenchConfig,
     scores,
     cost: CostModel,
+    calibration: Calibration | None,
     probe_seconds: float,
     base_target: float,
     base_general: float | None,
@@ -461,6 +479,7 @@ def summarize_arm(
         "lowest_layer_reached": "embeddings" if lowest == EMBEDDINGS else lowest,
         "score_share": summary.captured_share,
         "predicted_speedup": summary.speedup,
+        "calibrated_speedup": None if calibration is None else calibration.speedup(arm.layers),
         "median_step_seconds": median,
         "tokens_per_second": config.batch_size * config.max_length / median,
         "memory": arm.memory,
