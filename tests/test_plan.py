@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from aletheia_lora.config import LoraSettings
@@ -19,6 +21,24 @@ def test_selection_cost_uses_the_runs_rank_and_checkpointing(lora):
     top_half = [3, 4, 5]
     assert cost(top_half) == pytest.approx(expected(top_half))
     assert cost(top_half) != pytest.approx(default(top_half))
+
+
+def test_calibration_times_the_runs_rank_targets_and_dropout(monkeypatch):
+    import aletheia_lora.plan as plan
+
+    seen = {}
+
+    def fake_calibrate(model, batch, **kwargs):
+        seen.update(kwargs, rows=batch["input_ids"].shape[0])
+        return SimpleNamespace(description="timed")
+
+    monkeypatch.setattr(plan, "time_lora_steps", fake_calibrate)
+    model = tiny_model("llama", n_layers=6)
+    rows = [{"input_ids": [1, 2, 3]}] * 5
+    lora = LoraSettings(r=4, lora_dropout=0.1, target_modules=["q_proj"])
+    assert selection_cost(model, rows, seq_len=16, batch_size=2, calibrate=True, lora=lora).description == "timed"
+    assert seen["r"] == 4 and seen["target_modules"] == ["q_proj"] and seen["rows"] == 2
+    assert seen["lora_kwargs"] == {"lora_dropout": 0.1}
 
 
 def test_beside_a_calibration_the_cached_predictions_are_priced_at_the_runs_rank():

@@ -145,8 +145,14 @@ def selection_cost(
     logger.info("calibrating: timing LoRA steps of %d x %d tokens", *batch["input_ids"].shape)
     settings = _settings(lora)
     start = time.perf_counter()
+    # the run's dropout too: on a CPU its masks over every adapted module's input are a measurable part of a step
     calibration = time_lora_steps(
-        model, batch, r=int(settings.get("r", 16)), target_modules=settings.get("target_modules"), stack=stack
+        model,
+        batch,
+        r=int(settings.get("r", 16)),
+        target_modules=settings.get("target_modules"),
+        lora_kwargs={"lora_dropout": float(settings.get("lora_dropout", 0.0))},
+        stack=stack,
     )
     logger.info("calibrated in %.1f s: %s", time.perf_counter() - start, calibration.description)
     return calibration
