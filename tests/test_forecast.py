@@ -2,6 +2,7 @@
 (the schedule of the quality protocol's progressive-fixed control), checked against the cost model's steps and
 predict_timeline."""
 
+import math
 import time
 
 import pytest
@@ -36,14 +37,16 @@ def test_cached_speedup_is_the_cost_models_cached_step(cost):
 @pytest.mark.parametrize("steps", [1, 5, 16, 48, 200])
 @pytest.mark.parametrize("pct", [0, 10, 33.3, 50, 75])
 def test_planned_freezes_are_progressive_fixeds_schedule_up_to_the_floor(num_blocks, steps, pct):
-    from aletheia_lora.bench.quality.unit import fixed_schedule
     from aletheia_lora.freeze import max_frozen
 
     timeline = planned_freezes(num_blocks, steps, pct)
     count = max_frozen(num_blocks, pct)  # the gradient rule's floor, what the control freezes as many blocks as
     assert timeline[0] == {"step": 0, "lowest_trainable": 0}
     assert [e["lowest_trainable"] for e in timeline[1:]] == list(range(1, count + 1))
-    assert [e["step"] for e in timeline[1:]] == fixed_schedule(count, steps)
+    # the k-th after step round(k * steps / (count + 1)), half up, at least 1: what progressive-fixed runs on
+    assert [e["step"] for e in timeline[1:]] == [
+        max(1, math.floor(k * steps / (count + 1) + 0.5)) for k in range(1, count + 1)
+    ]
 
 
 def test_planned_freezes_keep_a_block_training_and_the_default_floor_is_freezes():

@@ -15,9 +15,10 @@ from aletheia_lora.bench.quality import ARMS, QualityConfig, choose_rate, planne
 from aletheia_lora.bench.quality.arms import AFTER, RATE_FROM, ArmChoice, ArmContext, rate_source, register_arm
 from aletheia_lora.bench.quality.protocol import _Session
 from aletheia_lora.bench.quality.tasks import load_base, validation_or_test
-from aletheia_lora.bench.quality.unit import _clock, fixed_schedule, run_unit
+from aletheia_lora.bench.quality.unit import _clock, run_unit
 from aletheia_lora.cli import main
 from aletheia_lora.data.corpora import missing_corpus_package
+from aletheia_lora.forecast import even_freeze_steps
 from aletheia_lora.layers import find_decoder_stack
 from aletheia_lora.plan import selection_cost
 
@@ -378,8 +379,8 @@ def test_progressive_fixed_freezes_as_many_blocks_on_its_schedule(freezing_run):
     record, steps = unit["freeze"], unit["steps"]
     count = len(progressive["freeze"]["frozen_at"])
     assert record["rule"] == "fixed" and record["count_from"] == {"arm": "progressive", "frozen": count}
-    assert record["schedule"] == [{"block": b, "step": s} for b, s in enumerate(fixed_schedule(count, steps))]
-    assert record["frozen_at"] == {str(b): s for b, s in enumerate(fixed_schedule(count, steps))}
+    assert record["schedule"] == [{"block": b, "step": s} for b, s in enumerate(even_freeze_steps(count, steps))]
+    assert record["frozen_at"] == {str(b): s for b, s in enumerate(even_freeze_steps(count, steps))}
     assert record["frozen_unchanged"] and record["frozen_out_of_optimizer"] and not record["frozen_still_trainable"]
     optimizer, params = freezing_run["dropped"][-1]  # the control's last freeze
     for p, at_freeze in params:
@@ -388,8 +389,12 @@ def test_progressive_fixed_freezes_as_many_blocks_on_its_schedule(freezing_run):
     # the summary and the page show the timelines
     seeds = freezing_run["summary"]["tasks"]["python-stdlib"]["arms"]["progressive-fixed"]["seeds"]
     assert seeds[0]["frozen_at"] == record["frozen_at"]
-    assert fixed_schedule(2, 18) == [6, 12] and fixed_schedule(3, 48) == [12, 24, 36] and fixed_schedule(0, 60) == []
-    assert fixed_schedule(1, 1) == [1]  # never before the first step
+    assert (
+        even_freeze_steps(2, 18) == [6, 12]
+        and even_freeze_steps(3, 48) == [12, 24, 36]
+        and even_freeze_steps(0, 60) == []
+    )
+    assert even_freeze_steps(1, 1) == [1]  # never before the first step
 
 
 def test_progressive_with_the_cache_trains_alike_and_caches_the_settled_prefix(freezing_run):

@@ -41,13 +41,20 @@ def cached_speedup(cost: CostModel, layers: Sequence[int]) -> float | None:
     return cost.speedup(layers, cached=True)
 
 
+def even_freeze_steps(count: int, steps: int) -> list[int]:
+    """The steps after which ``count`` blocks freeze one at a time, evenly over ``steps``: the ``k``-th (k = 1..count)
+    after step ``round(k * steps / (count + 1))`` (half up, at least 1), so ``count + 1`` phases of equal length. The
+    schedule of :func:`planned_freezes` and of the quality protocol's ``progressive-fixed`` control."""
+    return [max(1, math.floor(k * steps / (count + 1) + 0.5)) for k in range(1, count + 1)]
+
+
 def planned_freezes(num_blocks: int, steps: int, max_frozen_pct: float = DEFAULT_MAX_FROZEN_PCT) -> list[dict]:
     """The freeze timeline a progressive prediction plans with: the schedule of the quality protocol's
     ``progressive-fixed`` control, up to the ``--max-frozen-pct`` floor.
 
     Every block starts adapted; the lowest ``count = floor(num_blocks * max_frozen_pct / 100)`` blocks (at most all but
-    one) freeze one at a time, the ``k``-th after step ``round(k * steps / (count + 1))`` (half up, at least 1):
-    ``count + 1`` phases of equal length, linear in time. A real run's gradient rule decides its own freezes.
+    one) freeze one at a time on :func:`even_freeze_steps`, linear in time. A real run's gradient rule decides its own
+    freezes.
 
     Returns:
         ``{"step", "lowest_trainable"}`` entries for :func:`~aletheia_lora.timeline.predict_timeline`.
@@ -55,7 +62,7 @@ def planned_freezes(num_blocks: int, steps: int, max_frozen_pct: float = DEFAULT
     num_blocks, steps = check_int("num_blocks", num_blocks, minimum=1), check_int("steps", steps, minimum=1)
     check_number("max_frozen_pct", max_frozen_pct, minimum=0, maximum=100)
     count = min(int(num_blocks * max_frozen_pct / 100), num_blocks - 1)
-    at = [max(1, math.floor(k * steps / (count + 1) + 0.5)) for k in range(1, count + 1)]  # half up, as the control
+    at = even_freeze_steps(count, steps)
     return [{"step": 0, "lowest_trainable": 0}, *({"step": s, "lowest_trainable": k} for k, s in enumerate(at, 1))]
 
 

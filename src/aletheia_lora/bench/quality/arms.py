@@ -17,7 +17,7 @@ The four such arms:
 * ``progressive``: LoRA on every block, frozen from the bottom by the gradient rule of :mod:`aletheia_lora.freeze`
   (``freeze_every``, ``max_frozen_pct``);
 * ``progressive-fixed``: the control: as many blocks as ``progressive`` froze in the same task and seed, frozen on a
-  schedule linear in time (:func:`aletheia_lora.bench.quality.unit.fixed_schedule`), no gradient signal.
+  schedule linear in time (:func:`aletheia_lora.forecast.even_freeze_steps`), no gradient signal.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ An arm's :attr:`~aletheia_lora.bench.quality.arms.ArmChoice.training` adds to pl
   (after clipping, where the Trainer calls ``on_pre_optimizer_step``: on the clock), and its decision runs after
   each step (on the clock too, added to that step). Its rule is ``aletheia_lora.freeze.settled_prefix``, looked up
   when it decides.
-* ``freeze: fixed`` (the control): as many blocks as the unit it runs after froze, on :func:`fixed_schedule`.
+* ``freeze: fixed`` (the control): as many blocks as the unit it runs after froze, on
+  :func:`aletheia_lora.forecast.even_freeze_steps`.
 * ``prefix_cache: settled`` (with ``freeze: gradient``): :class:`~aletheia_lora.freeze.FrozenPrefixCache`, the
   code behind ``--strategy progressive --cache-prefix``, driven after each step: once the frozen prefix has not
   changed for an epoch it is cached (the build on the clock, in the step it happens) and later steps skip it.
@@ -45,6 +46,7 @@ from aletheia_lora.bench.quality.arms import ArmChoice
 from aletheia_lora.bench.quality.tasks import TaskData
 from aletheia_lora.bench.workload import Batches, lora_copy
 from aletheia_lora.evaluation import evaluate_loss
+from aletheia_lora.forecast import even_freeze_steps
 from aletheia_lora.layers import find_decoder_stack
 from aletheia_lora.plan import lora_config_for
 from aletheia_lora.prefix_cache import PrefixCache
@@ -73,13 +75,6 @@ def _optimizer(model: nn.Module, params: list, config: Any, rate: float, default
         loraplus_lr_ratio=config.loraplus_lr_ratio,
         weight_decay=config.weight_decay,
     )
-
-
-def fixed_schedule(count: int, total: int) -> list[int]:
-    """The control's freezing steps: the ``k``-th lowest of ``count`` blocks (k = 1..count) freezes after step
-    ``round(k * total / (count + 1))`` (half up, at least 1), evenly spaced in time and independent of any gradient.
-    """
-    return [max(1, math.floor(k * total / (count + 1) + 0.5)) for k in range(1, count + 1)]
 
 
 def _lora_parameters(block: nn.Module) -> list[nn.Parameter]:
@@ -155,12 +150,13 @@ class _GradientFreezer(_Freezer):
 
 
 class _FixedFreezer(_Freezer):
-    """``progressive-fixed``: ``count`` blocks from the bottom, each at its :func:`fixed_schedule` step."""
+    """``progressive-fixed``: ``count`` blocks from the bottom, each at its
+    :func:`~aletheia_lora.forecast.even_freeze_steps` step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, count: int, total: int) -> None:
         super().__init__(model, optimizer)
         self.blocks = list(range(self.stack.num_layers))
-        self.schedule = [{"block": b, "step": s} for b, s in zip(self.blocks, fixed_schedule(count, total))]
+        self.schedule = [{"block": b, "step": s} for b, s in zip(self.blocks, even_freeze_steps(count, total))]
         self.frozen = 0
         self.timeline = [{"step": 0, "lowest_trainable": self.blocks[0], "frozen": []}]
 
