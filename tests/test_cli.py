@@ -219,6 +219,18 @@ def test_probe_with_calibrate_predicts_from_steps_timed_here(tiny_checkpoint, ti
     assert f"predicted       {expected:.2f}x" in capsys.readouterr().out
 
 
+def test_probe_plans_the_progressive_prediction_at_the_given_max_frozen_pct(
+    tiny_checkpoint, tiny_corpus, tmp_path, capsys
+):
+    out = tmp_path / "p"
+    assert main(["probe", *tiny_args(tiny_checkpoint, tiny_corpus, out, "--max-frozen-pct", "25")]) == 0
+    plan = json.loads((out / "selection.json").read_text())["progressive_plan"]
+    assert plan["max_frozen_pct"] == 25 and plan["frozen_blocks"] == 1  # a quarter of the 4 blocks
+    assert "(--max-frozen-pct 25;" in capsys.readouterr().out
+    assert main(["probe", *tiny_args(tiny_checkpoint, tiny_corpus, tmp_path / "q", "--max-frozen-pct", "101")]) == 2
+    assert "--max-frozen-pct must be a number in [0, 100], got 101" in capsys.readouterr().err
+
+
 def test_calibrate_refuses_several_processes(tiny_checkpoint, tiny_corpus, tmp_path, monkeypatch, capsys):
     import aletheia_lora.plan as plan
 

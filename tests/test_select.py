@@ -219,7 +219,8 @@ def test_truncation_keeps_the_budget_and_picks_a_frontier_point(scores, pct, tar
 def test_select_config_holds_calibrate_but_does_not_pass_it_on():
     config = SelectConfig(top_k=3, calibrate=True)
     assert config.calibrate is True
-    assert config.kwargs() == {"top_pct": None, "top_k": 3, "strategy": "score", "target_speedup": None}
+    expected = {"top_pct": None, "top_k": 3, "strategy": "score", "target_speedup": None, "max_frozen_pct": 50.0}
+    assert config.kwargs() == expected
     assert "calibrate" not in SelectConfig().kwargs()
     with pytest.raises(TypeError, match="--calibrate must be true or false, got 'yes'"):
         SelectConfig(calibrate="yes")

@@ -28,6 +28,11 @@ from aletheia_lora.timeline import TimelinePrediction, predict_timeline
 # --max-frozen-pct's default, here rather than in freeze (which imports it): freeze imports this module's importers
 # (reprobe -> select). The hand trial froze 15 of 30 blocks (0-14) and reached all-layer quality.
 DEFAULT_MAX_FROZEN_PCT = 50.0
+# One flag in two groups (SelectConfig prices the prediction with it, TrainConfig freezes by it): one help string.
+MAX_FROZEN_PCT_HELP = (
+    "With --strategy progressive: the most of the blocks that may be frozen, in percent (also the floor of the "
+    "progressive prediction that probe and select print)."
+)
 # A relative slack: a cached run exactly as fast as the uncached one does not pay.
 _TIE = 1e-9
 

@@ -30,7 +30,13 @@ from aletheia_lora.checks import (
     validate_selected_layers,
 )
 from aletheia_lora.cost import Calibration, CostModel
-from aletheia_lora.forecast import DEFAULT_MAX_FROZEN_PCT, ProgressivePlan, cached_speedup, plan_progressive
+from aletheia_lora.forecast import (
+    DEFAULT_MAX_FROZEN_PCT,
+    MAX_FROZEN_PCT_HELP,
+    ProgressivePlan,
+    cached_speedup,
+    plan_progressive,
+)
 from aletheia_lora.frontier import candidates, exact, pareto_flags
 from aletheia_lora.layers import DecoderStack
 
@@ -341,6 +347,7 @@ class SelectConfig:
             "measured on another CPU"
         },
     )
+    max_frozen_pct: float = field(default=DEFAULT_MAX_FROZEN_PCT, metadata={"help": MAX_FROZEN_PCT_HELP})
 
     def __post_init__(self) -> None:
         if self.strategy != PROGRESSIVE:  # the choices listed as the pinned messages have them (ERRORS.md)
@@ -361,6 +368,7 @@ class SelectConfig:
             if self.strategy != "truncation":
                 raise ValueError(f"--target-speedup applies to --strategy truncation, not {shown(self.strategy)}")
         check_bool("--calibrate", self.calibrate)
+        check_number("--max-frozen-pct", self.max_frozen_pct, minimum=0, maximum=100)
 
     def kwargs(self) -> dict:
         """Keyword arguments for :func:`select_layers` / :func:`make_selection` (``calibrate`` is not one of them:
@@ -370,6 +378,7 @@ class SelectConfig:
             "top_k": self.top_k,
             "strategy": self.strategy,
             "target_speedup": self.target_speedup,
+            "max_frozen_pct": self.max_frozen_pct,
         }
 
 

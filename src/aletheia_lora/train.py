@@ -30,6 +30,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from aletheia_lora.checks import check_number
 from aletheia_lora.data import pad_collate
 from aletheia_lora.depth import (  # noqa: F401 - EMBEDDINGS and the hook counter are imported from here by callers
     EMBEDDINGS,
@@ -46,6 +47,7 @@ from aletheia_lora.files import (
     read_manifest,
     update_manifest,
 )
+from aletheia_lora.forecast import MAX_FROZEN_PCT_HELP
 from aletheia_lora.freeze import DEFAULT_FREEZE_EVERY, DEFAULT_MAX_FROZEN_PCT, FreezeCallback, FrozenPrefixCache
 from aletheia_lora.layers import DecoderStack
 from aletheia_lora.prefix_cache import PrefixCache, index_rows, row_id_collator
@@ -123,10 +125,7 @@ class TrainConfig:
             "the lowest blocks whose gradient norm changed less than the median block's are frozen"
         },
     )
-    max_frozen_pct: float = field(
-        default=DEFAULT_MAX_FROZEN_PCT,
-        metadata={"help": "With --strategy progressive: the most of the blocks that may be frozen, in percent."},
-    )
+    max_frozen_pct: float = field(default=DEFAULT_MAX_FROZEN_PCT, metadata={"help": MAX_FROZEN_PCT_HELP})
     cache_prefix: bool = field(
         default=False,
         metadata={
@@ -189,8 +188,7 @@ class TrainConfig:
                     raise ValueError(f"{flag} must be >= 0, got {value!r}")
             elif f.type == "bool" and not isinstance(value, bool):
                 raise TypeError(f"{flag} must be true or false, got {value!r}")
-        if self.max_frozen_pct > 100:
-            raise ValueError(f"--max-frozen-pct must be at most 100, got {self.max_frozen_pct!r}")
+        check_number("--max-frozen-pct", self.max_frozen_pct, minimum=0, maximum=100)  # as SelectConfig words it
         if self.cache_budget <= 0:
             raise ValueError(f"--cache-budget must be positive, got {self.cache_budget!r}")
         if self.cache_dtype not in ("auto", "bfloat16"):
