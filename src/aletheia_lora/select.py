@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from aletheia_lora import forecast
 from aletheia_lora.checks import (
     check_bool,
     check_choice,
@@ -30,13 +31,7 @@ from aletheia_lora.checks import (
     validate_selected_layers,
 )
 from aletheia_lora.cost import Calibration, CostModel
-from aletheia_lora.forecast import (
-    DEFAULT_MAX_FROZEN_PCT,
-    MAX_FROZEN_PCT_HELP,
-    ProgressivePlan,
-    cached_speedup,
-    plan_progressive,
-)
+from aletheia_lora.forecast import DEFAULT_MAX_FROZEN_PCT, ProgressivePlan, cached_speedup, plan_progressive
 from aletheia_lora.frontier import candidates, exact, pareto_flags
 from aletheia_lora.layers import DecoderStack
 
@@ -347,7 +342,7 @@ class SelectConfig:
             "measured on another CPU"
         },
     )
-    max_frozen_pct: float = field(default=DEFAULT_MAX_FROZEN_PCT, metadata={"help": MAX_FROZEN_PCT_HELP})
+    max_frozen_pct: float = field(default=DEFAULT_MAX_FROZEN_PCT, metadata={"help": forecast.MAX_FROZEN_PCT_HELP})
 
     def __post_init__(self) -> None:
         if self.strategy != PROGRESSIVE:  # the choices listed as the pinned messages have them (ERRORS.md)
