@@ -14,6 +14,7 @@ from aletheia_lora import freeze
 from aletheia_lora.bench.quality import ARMS, QualityConfig, choose_rate, planned_units, run_protocol, unit_path
 from aletheia_lora.bench.quality.arms import AFTER, RATE_FROM, ArmChoice, ArmContext, rate_source, register_arm
 from aletheia_lora.bench.quality.protocol import _Session
+from aletheia_lora.bench.quality.summary import sweep_losses
 from aletheia_lora.bench.quality.tasks import load_base, validation_or_test
 from aletheia_lora.bench.quality.unit import _clock, run_unit
 from aletheia_lora.cli import main
@@ -222,6 +223,8 @@ def test_bad_settings_name_the_flag():
         QualityConfig(freeze_every=0)
     with pytest.raises(ValueError, match="--max-frozen-pct must be at most 100"):
         QualityConfig(max_frozen_pct=150)
+    with pytest.raises(ValueError, match="--sweep-extensions must be an integer >= 0, got -1"):
+        QualityConfig(sweep_extensions=-1)
     with pytest.raises(ValueError, match="--config: unknown setting"):
         QualityConfig.from_file(REPO / "bench" / "configs" / "tiny.yaml")
     full = QualityConfig.from_file(REPO / "bench" / "configs" / "quality.yaml")
@@ -285,6 +288,34 @@ def _unit(root: Path, task: str, arm: str, rate: float, seed: int, loss: float) 
     path = unit_path(root, task, arm, rate, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"validation_loss": loss}))
+
+
+def test_a_sweep_best_at_its_edge_goes_one_rate_further_until_it_is_not_or_the_limit(tmp_path):
+    config = _quick(tasks=["python-stdlib"], arms=["all"], seeds=[0, 1], learning_rates=[1e-3, 2e-3, 4e-3])
+    config.sweep_extensions = 2
+
+    def plan():
+        return [(r, s) for _, _, r, s in planned_units(config, tmp_path)]
+
+    for rate, loss in zip((1e-3, 2e-3, 4e-3), (3.0, 2.0, 1.0)):  # best at the top: 8e-3 next, no seeds yet
+        _unit(tmp_path, "python-stdlib", "all", rate, 0, loss)
+    assert plan() == [(1e-3, 0), (2e-3, 0), (4e-3, 0), (8e-3, 0)]
+    _unit(tmp_path, "python-stdlib", "all", 8e-3, 0, 0.5)  # still the top: 1.6e-2, the second and last extension
+    assert plan()[-1] == (1.6e-2, 0) and len(plan()) == 5
+    _unit(tmp_path, "python-stdlib", "all", 1.6e-2, 0, 0.7)  # now interior: the seeds at 8e-3
+    assert plan()[-1:] == [(8e-3, 1)]
+    sweep = sweep_losses(config, tmp_path, "python-stdlib", "all")  # what the summary reads and chooses from
+    assert list(sweep) == ["0.001", "0.002", "0.004", "0.008", "0.016"] and choose_rate(sweep) == 8e-3
+    # the limit: a third edge is not swept; the best of what ran is chosen
+    _unit(tmp_path, "python-stdlib", "all", 1.6e-2, 0, 0.1)
+    assert plan()[-1:] == [(1.6e-2, 1)]
+    # the low edge goes down by the sweep's ratio; 0 extensions keeps to the listed rates
+    low = tmp_path / "low"
+    for rate, loss in zip((1e-3, 2e-3, 4e-3), (1.0, 2.0, 3.0)):
+        _unit(low, "python-stdlib", "all", rate, 0, loss)
+    assert [r for _, _, r, _ in planned_units(config, low)][-1] == pytest.approx(5e-4)
+    config.sweep_extensions = 0
+    assert planned_units(config, low)[-1] == ("python-stdlib", "all", 1e-3, 1)
 
 
 def test_rate_from_arms_plan_no_sweep_and_wait_for_their_source(tmp_path):

@@ -51,6 +51,14 @@ class QualityConfig:
         metadata={"help": "The sweep: every arm tries each on the first seed; the validation argmin is its rate."},
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds; the sweep uses the first."})
+    sweep_extensions: int = field(
+        default=2,
+        metadata={
+            "help": "When an arm's complete sweep is best at its lowest or highest rate, sweep one rate further out "
+            "(the sweep's own ratio) and choose again, up to this many times: a chosen rate at the sweep's edge is "
+            "a rate not yet tuned. 0: the listed rates only."
+        },
+    )
     arms: list[str] = field(
         default_factory=lambda: [
             "all",
@@ -127,6 +135,12 @@ class QualityConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value!r}")
+        if (
+            isinstance(self.sweep_extensions, bool)
+            or not isinstance(self.sweep_extensions, int)
+            or (self.sweep_extensions < 0)
+        ):
+            raise ValueError(f"--sweep-extensions must be an integer >= 0, got {self.sweep_extensions!r}")
         if self.max_units is not None and (not isinstance(self.max_units, int) or self.max_units < 0):
             raise ValueError(f"--max-units must be an integer >= 0, got {self.max_units!r}")
         if not isinstance(self.name, str) or not _NAME.match(self.name):

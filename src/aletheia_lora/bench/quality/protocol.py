@@ -20,7 +20,15 @@ from aletheia_lora.bench.measure import machine_info
 from aletheia_lora.bench.quality.arms import AFTER, ARMS, SEEDED_ARMS, ArmContext, rate_source
 from aletheia_lora.bench.quality.config import QualityConfig
 from aletheia_lora.bench.quality.render import render_quality
-from aletheia_lora.bench.quality.summary import choose_rate, rate_key, read_unit, shared_rate, summarize, unit_path
+from aletheia_lora.bench.quality.summary import (
+    choose_rate,
+    rate_key,
+    read_unit,
+    shared_rate,
+    summarize,
+    sweep_losses,
+    unit_path,
+)
 from aletheia_lora.bench.quality.tasks import TaskData, load_base, load_task
 from aletheia_lora.bench.quality.unit import run_unit
 from aletheia_lora.evaluation import evaluate_loss
@@ -131,7 +139,8 @@ class _Session:
 
 def planned_units(config: QualityConfig, root: Path) -> list[tuple[str, str, float, int]]:
     """The units that can run now, in order: per task and arm (in the config's order), the sweep (every rate on the
-    first seed), then the other seeds at the arm's chosen rate once its sweep is complete.
+    first seed, and the rates past an edge that came out best: :func:`~.summary.sweep_losses`), then the other seeds at
+    the arm's chosen rate once its sweep is complete.
 
     The arms registered with ``rate_from`` come after those of every task (so adding one leaves the other units'
     places in the plan as they were): no sweep, every seed at the source arm's chosen rate once that sweep is
@@ -143,11 +152,8 @@ def planned_units(config: QualityConfig, root: Path) -> list[tuple[str, str, flo
         for arm in config.arms:
             if rate_source(arm) is not None:
                 continue
-            sweep = {}
-            for rate in config.learning_rates:
-                units.append((task, arm, rate, config.seeds[0]))
-                unit = read_unit(unit_path(root, task, arm, rate, config.seeds[0]))
-                sweep[rate_key(rate)] = None if unit is None else unit["validation_loss"]
+            sweep = sweep_losses(config, root, task, arm)  # with the rates past an edge that was best
+            units.extend((task, arm, float(key), config.seeds[0]) for key in sweep)
             if all(v is not None for v in sweep.values()):
                 chosen = choose_rate(sweep)
                 units.extend((task, arm, chosen, seed) for seed in config.seeds[1:])

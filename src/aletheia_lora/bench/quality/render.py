@@ -114,6 +114,7 @@ def task_table(task: str, entry: dict) -> list[str]:
 
 def render_markdown(summary: dict) -> str:
     """The page: the gap first, then the command, then a verdict and sweep table per task."""
+    extensions = summary.get("config", {}).get("sweep_extensions", 0)  # absent from runs before the setting
     lines = ["# Quality protocol", ""] + gap_lines(summary) + [""]
     lines += [
         "Made by:",
@@ -122,7 +123,8 @@ def render_markdown(summary: dict) -> str:
         summary.get("command", ""),
         "```",
         "",
-        "Each arm's learning rate is the validation argmin of its sweep on the first seed; losses are on a test "
+        "Each arm's learning rate is the validation argmin of its sweep on the first seed (a sweep whose best "
+        f"rate was its lowest or highest went one rate further, up to {extensions} times); losses are on a test "
         "split no choice used. Times are ratios of summed step times (evaluation off the clock) to all-layer "
         "LoRA's in the same seed; 'time to all's best' is the time to reach all-layer LoRA's best test loss at "
         "its chosen rate; 'beats all' needs a lower test loss in every seed or by over two standard errors.",

@@ -46,11 +46,33 @@ def choose_rate(sweep: dict[str, float | None]) -> float | None:
 
 
 def sweep_losses(config: Any, root: Path, task: str, arm: str) -> dict[str, float | None]:
-    """``arm``'s sweep on the first seed: rate key -> validation loss (None: that unit has not run)."""
-    sweep = {}
-    for rate in config.learning_rates:
+    """``arm``'s sweep on the first seed: rate key -> validation loss (None: that unit has not run).
+
+    The configured rates, then, while the sweep is complete and best at its lowest or highest rate, one rate further
+    out by the sweep's ratio at that end (``config.sweep_extensions`` at most): the units the protocol runs next.
+    """
+    sweep: dict[str, float | None] = {}
+
+    def add(rate: float) -> None:
         unit = read_unit(unit_path(root, task, arm, rate, config.seeds[0]))
         sweep[rate_key(rate)] = None if unit is None else unit["validation_loss"]
+
+    rates = sorted(config.learning_rates)
+    for rate in rates:
+        add(rate)
+    low, high = rates[0], rates[-1]
+    for _ in range(getattr(config, "sweep_extensions", 0) if len(rates) > 1 else 0):
+        if any(v is None for v in sweep.values()):
+            break
+        best = choose_rate(sweep)
+        if best == high:
+            high *= rates[-1] / rates[-2]
+            add(high)
+        elif best == low:
+            low /= rates[1] / rates[0]
+            add(low)
+        else:
+            break
     return sweep
 
 
@@ -187,12 +209,12 @@ def summarize(config: Any, root: Path) -> dict:
                 arms[arm] = {"learning_rate": chosen, "rate_from": source, "sweep": {}, "sweep_complete": complete,
                              "units": units}  # fmt: skip
                 continue
-            sweep = {}
-            for rate in config.learning_rates:
-                unit = read_unit(unit_path(root, task, arm, rate, config.seeds[0]))
-                sweep[rate_key(rate)] = None if unit is None else unit["validation_loss"]
-                if unit is None:
-                    missing.append(str(unit_path(root, task, arm, rate, config.seeds[0]).relative_to(root)))
+            sweep = sweep_losses(config, root, task, arm)
+            missing += [
+                str(unit_path(root, task, arm, float(key), config.seeds[0]).relative_to(root))
+                for key, loss in sweep.items()
+                if loss is None
+            ]
             complete = all(v is not None for v in sweep.values())
             chosen = choose_rate(sweep) if complete else None
             units = []
