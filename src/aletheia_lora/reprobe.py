@@ -173,7 +173,9 @@ def reselect(
     scores, _ = probe_scores(
         model, dataset, probe or ProbeConfig(), seed=seed, pad_token_id=pad_token_id, progress=progress, stack=stack
     )
-    layers = select_layers(scores, cost=cost, **(select or SelectConfig()).kwargs())
+    kwargs = (select or SelectConfig()).kwargs()
+    kwargs.pop("max_frozen_pct")  # prices make_selection's progressive prediction; no part of choosing layers
+    layers = select_layers(scores, cost=cost, **kwargs)
     return scores, layers, time.perf_counter() - start
 
 

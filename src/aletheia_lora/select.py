@@ -366,8 +366,8 @@ class SelectConfig:
         check_number("--max-frozen-pct", self.max_frozen_pct, minimum=0, maximum=100)
 
     def kwargs(self) -> dict:
-        """Keyword arguments for :func:`select_layers` / :func:`make_selection` (``calibrate`` is not one of them:
-        it decides which ``cost`` the caller passes)."""
+        """Keyword arguments for :func:`make_selection` (without ``max_frozen_pct``, :func:`select_layers`'s;
+        ``calibrate`` is not one of them: it decides which ``cost`` the caller passes)."""
         return {
             "top_pct": None if self.top_k is not None else self.top_pct,
             "top_k": self.top_k,
