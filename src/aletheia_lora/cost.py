@@ -75,12 +75,12 @@ DEFAULT_OPTIMIZER_FLOPS_PER_PARAM = 12.0
 # and SmolLM2-135M in bench/results/families.json ("errors", and each arm's "prediction_error" and "calibrated_error";
 # rendered in docs/EVIDENCE.md), rounded up to a whole percent. Shown next to every prediction (describe_prediction).
 # The cost model's constants were measured on that benchmark's CPU: on other hardware, calibrate. Both bands hold the
-# measurement's own noise: on this shared 2-core machine a measured speedup moved by 1.3% at the median and up to
-# 8.5% between two runs of the benchmark, and one arm by 18% (Gemma-2 truncation, 1.33x then 1.09x: the cost model's
-# 14.1%); three calibrations of one model in a row spread its top-half speedup by up to 3% (Qwen2.5 1.47-1.51x,
-# Gemma-2 1.33-1.35x; twelve timed steps instead of six spread it no less).
-COST_MODEL_ERROR_BAND = 0.15
-CALIBRATED_ERROR_BAND = 0.10
+# measurement's own noise, which on this shared 2-core machine is the larger part: with 10 timed steps per arm a
+# measured speedup moved by up to 8.5% between two runs and one arm by 18% (Gemma-2 truncation, 1.33x then 1.09x; the
+# cost model's error there 14.1%); the committed run times 30 steps per arm. A calibration's 6 timed rounds are the
+# calibrated band's main noise: three calibrations of one model in a row spread its top-half speedup by up to 3%.
+COST_MODEL_ERROR_BAND = 0.04
+CALIBRATED_ERROR_BAND = 0.07
 # Ends the description of a CostModel priced with overheads: how a saved selection tells which model it came from.
 OVERHEADS_TAG = "FLOPs + measured CPU overheads"
 
@@ -546,8 +546,8 @@ def prediction_basis(description: str | None = None, *, calibrated: bool = False
 
 
 def describe_prediction(speedup: float, description: str | None = None, *, calibrated: bool = False) -> str:
-    """A predicted speedup with its band and basis: ``"1.29x ± 15% (cost model, not calibrated)"``,
-    ``"1.29x ± 10% (calibrated on this machine)"``, or ``"1.25x (uniform blocks (no model); no measured error
+    """A predicted speedup with its band and basis: ``"1.29x ± 4% (cost model, not calibrated)"``,
+    ``"1.29x ± 7% (calibrated on this machine)"``, or ``"1.25x (uniform blocks (no model); no measured error
     band)"`` (see :func:`prediction_basis`)."""
     band, basis = prediction_basis(description, calibrated=calibrated)
     return f"{speedup:.2f}x{'' if band is None else f' ± {band:.0%}'} ({basis})"
