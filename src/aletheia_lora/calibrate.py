@@ -17,10 +17,9 @@ little Python around it).
 
 On Linux CPUs, glibc's default allocator returns freed memory to the system and faults it in again, more for larger
 steps and by an amount that depends on the process's heap history: a calibration (one model holding every placement)
-and a training run can see different amounts of it. Measured on a scaled Qwen2.5 (README, "Predicted speedups"):
-fresh processes calibrated the top half at 1.48-1.55x against 1.41-1.50x for separately trained copies; with fixed
-thresholds (``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_TOP_PAD_=268435456`` in the
-environment) both gave 1.41-1.47x and every step was faster. This module leaves the process's allocator as it is.
+and a training run can see different amounts of it; fixed thresholds in the environment (``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``) remove that bias (figures: README, "Predicted speedups"). This module
+leaves the process's allocator as it is.
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ DEFAULT_OPTIMIZER_FLOPS_PER_PARAM = 12.0
 # measurement's own noise, which on this shared 2-core machine is the larger part: with 10 timed steps per arm a
 # measured speedup moved by up to 8.5% between two runs and one arm by 18% (Gemma-2 truncation, 1.33x then 1.09x; the
 # cost model's error there 14.1%); the committed run times 30 steps per arm. A calibration's 6 timed rounds are the
-# calibrated band's main noise: three calibrations of one model in a row spread its top-half speedup by up to 3%.
+# calibrated band's noise (three in a row spread a top-half speedup by up to 3%); glibc's allocator, its bias
+# (see aletheia_lora.calibrate).
 COST_MODEL_ERROR_BAND = 0.04
 CALIBRATED_ERROR_BAND = 0.07
 # Ends the description of a CostModel priced with overheads: how a saved selection tells which model it came from.
