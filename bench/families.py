@@ -57,6 +57,7 @@ import transformers as T
 from families_report import ARMS, NAME, PAPER_RANGE, render_outputs, repo_relative
 
 from aletheia_lora import apply_aletheia_lora, gradient_probe, select_layers
+from aletheia_lora.allocator import CPU_ALLOCATORS, tune_cpu_allocator
 from aletheia_lora.bench.config import RENAMED_SETTINGS, read_settings, renamed_hint
 from aletheia_lora.bench.measure import MB, BackwardTrace, machine_info, package_versions, timed_step
 from aletheia_lora.bench.workload import lora_copy
@@ -406,6 +407,8 @@ def load_config(path: Path) -> dict:
         raise SystemExit(f"{path}: missing {missing}")
     if cfg["untimed_steps"] < 1 or cfg["steps"] < 1:
         raise SystemExit(f"{path}: untimed_steps and steps must be >= 1")
+    if cfg.setdefault("cpu_allocator", "default") not in CPU_ALLOCATORS:
+        raise SystemExit(f"{path}: cpu_allocator must be one of {list(CPU_ALLOCATORS)}, got {cfg['cpu_allocator']!r}")
     for fam in cfg["families"]:
         if fam["real"]["layers"] < 2:
             raise SystemExit(f"{path}: {fam['family']} needs at least 2 layers")
@@ -440,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     torch.set_num_threads(cfg.get("threads") or 1)
+    if cfg["cpu_allocator"] == "tuned":
+        tune_cpu_allocator()
     families = list(cfg["families"])
     reference = cfg.get("smollm2")
     if args.families:

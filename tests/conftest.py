@@ -117,3 +117,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _glibc_defaults_in_this_process(monkeypatch):
+    """The test process keeps glibc's own malloc thresholds: memory tests read the resident set, and a pipeline
+    test tuning them (``ModelConfig.load`` on the CPU) would change every later test's figures. The tuning itself
+    is tested in subprocesses (tests/test_allocator.py)."""
+    calls = []
+    monkeypatch.setattr("aletheia_lora.models.loading.tune_cpu_allocator", lambda: calls.append(1))
+    return calls

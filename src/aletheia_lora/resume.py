@@ -169,6 +169,7 @@ MAY_CHANGE_ON_RESUME = {
     ("train", "report_to"),
     ("train", "progress"),
     ("model", "device"),
+    ("model", "cpu_allocator"),
     ("model", "dist_timeout"),
     ("data", "general_data"),
 }

@@ -18,7 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from aletheia_lora.checks import read_data_file
+from aletheia_lora.allocator import CPU_ALLOCATORS
+from aletheia_lora.checks import check_choice, read_data_file
 from aletheia_lora.config import LoraSettings
 from aletheia_lora.data import DataConfig
 from aletheia_lora.models import BUNDLED_ALIASES, ModelConfig
@@ -122,6 +123,12 @@ class BenchConfig:
         note="Here float32 by default, the precision of the committed figures (every arm uses the same).",
     )
     device: str | None = stage_field(ModelConfig, "device")
+    cpu_allocator: str = stage_field(
+        ModelConfig,
+        "cpu_allocator",
+        default="default",
+        note="Here 'default' by default: the committed SmolLM2 figures were timed with glibc's own thresholds.",
+    )
     threads: int | None = field(
         default=1, metadata={"help": "CPU threads of torch ('none': torch's own; 1 suits a shared machine)."}
     )
@@ -157,7 +164,9 @@ class BenchConfig:
             "help": "First steps of each arm left out of the step-time medians (at least 1: it measures memory)."
         },
     )
-    learning_rate: float = stage_field(TrainConfig, "learning_rate")
+    learning_rate: float = stage_field(
+        TrainConfig, "learning_rate", default=3e-4, note="Here 3e-4 by default, the rate of the committed figures."
+    )
     lr_scheduler_type: str = stage_field(
         TrainConfig,
         "lr_scheduler_type",
@@ -241,6 +250,7 @@ class BenchConfig:
                     raise ValueError(f"{flag} must be >= 0, got {value!r}")
             elif f.type == "bool" and not isinstance(value, bool):
                 raise TypeError(f"{flag} must be true or false, got {value!r}")
+        check_choice("--cpu-allocator", self.cpu_allocator, CPU_ALLOCATORS)
         if isinstance(self.general_data, str) and self.general_data.strip().lower() in _NO_GENERAL:
             self.general_data = None  # as `run` reads it: no general corpus, forgetting not measured
         for name in ("model", "data", "dtype", "lr_scheduler_type", "name", "general_data"):

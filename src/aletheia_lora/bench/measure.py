@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from aletheia_lora.allocator import allocator_state
 from aletheia_lora.depth import BackwardDepthMonitor
 from aletheia_lora.models import bundled_cache_dir
 
@@ -320,12 +321,14 @@ def wait_for_quiet(max_wait_s: float, threshold_cores: float) -> dict:
 
 
 def machine_info(device: torch.device) -> dict:
-    """Platform, processor, CPUs, torch threads and the device (with its name on CUDA)."""
+    """Platform, processor, CPUs, torch threads, the CPU allocator's settings and the device (with its name on
+    CUDA)."""
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "allocator": allocator_state(),
         "device": str(device),
     }
     if device.type == "cuda":

@@ -74,7 +74,9 @@ def load_workload(config: BenchConfig, device: torch.device) -> tuple[nn.Module,
         if config.general_data is not None:
             general = _counting_rows(config.general_blocks, config.max_length, config.tiny_vocab, 2, config.seed + 2)
         return model, train, target, general, 0
-    model, tokenizer = ModelConfig(model=config.model, dtype=config.dtype, device=str(device)).load()
+    model, tokenizer = ModelConfig(
+        model=config.model, dtype=config.dtype, device=str(device), cpu_allocator=config.cpu_allocator
+    ).load()
     data = DataConfig(
         data=config.data,
         general_data=config.general_data,

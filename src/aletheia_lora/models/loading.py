@@ -15,7 +15,8 @@ from urllib.parse import urlparse
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from aletheia_lora.checks import check_bool, check_int
+from aletheia_lora.allocator import CPU_ALLOCATOR_HELP, CPU_ALLOCATORS, tune_cpu_allocator
+from aletheia_lora.checks import check_bool, check_choice, check_int
 from aletheia_lora.models.bundled import BUNDLED_ALIASES, BUNDLED_MODEL, ensure_bundled_checkpoint, is_quantized
 from aletheia_lora.models.checkpoint import (
     _DAMAGED,
@@ -329,6 +330,7 @@ class ModelConfig:
     )
     dtype: str = field(default="auto", metadata={"help": DTYPE_HELP})
     device: str | None = field(default=None, metadata={"help": "Device, e.g. cpu or cuda (default: cuda if present)."})
+    cpu_allocator: str = field(default="tuned", metadata={"help": CPU_ALLOCATOR_HELP})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run code shipped with a checkpoint (off unless asked)."}
     )
@@ -348,6 +350,7 @@ class ModelConfig:
             raise ValueError(f"--trust-remote-code must be true or false, got {self.trust_remote_code!r}")
         if self.device is not None:
             self.device = str(check_device("--device", self.device))
+        check_choice("--cpu-allocator", self.cpu_allocator, CPU_ALLOCATORS)
         check_int("--dist-timeout", self.dist_timeout, minimum=1)
 
     @property
@@ -363,7 +366,10 @@ class ModelConfig:
 
     def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """Load the model (on ``device``, else on CUDA when available) in :attr:`resolved_dtype`, and its
-        tokenizer."""
+        tokenizer; on the CPU with ``cpu_allocator="tuned"``, first fix glibc's malloc thresholds for the rest of the
+        process (:func:`~aletheia_lora.allocator.tune_cpu_allocator`)."""
+        if self.cpu_allocator == "tuned" and torch.device(self.resolved_device).type == "cpu":
+            tune_cpu_allocator()
         return load_model_and_tokenizer(
             self.model, dtype=self.dtype, trust_remote_code=self.trust_remote_code, device=self.resolved_device
         )

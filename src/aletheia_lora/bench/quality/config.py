@@ -8,7 +8,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from aletheia_lora.allocator import CPU_ALLOCATOR_HELP, CPU_ALLOCATORS
 from aletheia_lora.bench.config import TINY_MODEL, settings_from_file
+from aletheia_lora.checks import check_choice
 
 TASKS = ("python-stdlib", "chitchat")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -27,6 +29,13 @@ class QualityConfig:
     dtype: str = field(default="float32", metadata={"help": "Model dtype (every arm the same)."})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ...; default: cuda when present."})
     threads: int | None = field(default=1, metadata={"help": "CPU threads of torch (none: torch's own)."})
+    cpu_allocator: str = field(
+        default="default",
+        metadata={
+            "help": CPU_ALLOCATOR_HELP + " Here 'default' by default: the committed protocol was timed with glibc's "
+            "own thresholds, and the units of one run must be timed alike."
+        },
+    )
     tiny_layers: int = field(default=4, metadata={"help": "Blocks of the 'tiny' model."})
     tiny_hidden: int = field(default=32, metadata={"help": "Hidden size of the 'tiny' model (a multiple of 4)."})
     tasks: list[str] = field(default_factory=lambda: list(TASKS), metadata={"help": "Tasks: " + ", ".join(TASKS)})
@@ -118,6 +127,7 @@ class QualityConfig:
     )
 
     def __post_init__(self) -> None:
+        check_choice("--cpu-allocator", self.cpu_allocator, CPU_ALLOCATORS)
         ints = {
             "tiny_layers", "tiny_hidden", "max_length", "train_chars", "held_chars", "train_dialogues",
             "held_dialogues", "max_turns", "max_doc_chars", "validation_rows", "test_rows", "general_rows",

@@ -60,7 +60,9 @@ def load_base(config: Any, device: torch.device) -> tuple[nn.Module, Any]:
             device
         )
         return model, tokenizer
-    return ModelConfig(model=config.model, dtype=config.dtype, device=str(device)).load()
+    return ModelConfig(
+        model=config.model, dtype=config.dtype, device=str(device), cpu_allocator=config.cpu_allocator
+    ).load()
 
 
 @dataclass
