@@ -487,3 +487,38 @@ def test_a_selection_that_changed_since_an_arms_first_units_stops_the_run(quick_
     ):
         run_protocol(config, out)
     assert not second.exists()  # nothing trained under the mixed selection
+
+
+def test_the_gap_line_says_not_reached_for_a_seed_that_never_got_there():
+    from aletheia_lora.bench.quality.render import gap_lines
+
+    seeds = [{"seed": 0, "time_to_all_quality": None, "equal_time_test_loss_vs_all": 1.01, "met": False},
+             {"seed": 1, "time_to_all_quality": 0.75, "equal_time_test_loss_vs_all": 0.99, "met": True}]  # fmt: skip
+    gap = {"arm": "score", "time_limit": 0.8, "met": False, "tasks": {"t": {"met": False, "seeds": seeds}}}
+    summary = {"gap": gap, "missing_units": []}
+    lines = gap_lines(summary)
+    assert lines[1] == "**No: a miss.**"
+    assert lines[3] == (
+        "- t: missed (seed 0: time not reached, equal-time loss 1.010x; seed 1: time 0.75x, equal-time loss 0.990x)"
+    )
+
+
+def test_the_committed_protocol_is_complete_and_its_page_is_rendered_from_its_json():
+    from aletheia_lora.bench.quality.render import render_markdown
+
+    summary = json.loads((REPO / "bench" / "results" / "quality.json").read_text())
+    config = QualityConfig.from_file(REPO / "bench" / "configs" / "quality.yaml")
+    assert summary["complete"] and not summary["missing_units"]
+    assert summary["default_arm"] == "score" and summary["gap"]["met"] is not None
+    assert set(summary["tasks"]) == set(config.tasks)
+    for entry in summary["tasks"].values():
+        assert set(entry["arms"]) == set(config.arms)
+        for arm in entry["arms"].values():
+            assert [s["seed"] for s in arm["seeds"]] == config.seeds
+            assert arm["learning_rate"] is not None
+    page = (REPO / "docs" / "QUALITY.md").read_text()
+    for task, entry in summary["tasks"].items():  # the plots are named, not listed, in the JSON
+        entry["plots"] = [f"../bench/results/{summary['name']}_{task}.png"]
+        assert (REPO / "bench" / "results" / f"{summary['name']}_{task}.png").is_file()
+    assert page == render_markdown(summary)
+    assert "aletheia-lora quality --config bench/configs/quality.yaml" in page

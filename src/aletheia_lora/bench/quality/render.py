@@ -44,7 +44,7 @@ def gap_lines(summary: dict) -> list[str]:
     for task, entry in gap["tasks"].items():
         if entry["seeds"]:
             per_seed = "; ".join(
-                f"seed {r['seed']}: time {_num(r['time_to_all_quality'], '.2f')}x, "
+                f"seed {r['seed']}: time {_ratios([r], 'time_to_all_quality')}, "
                 f"equal-time loss {_num(r['equal_time_test_loss_vs_all'], '.3f')}x"
                 for r in entry["seeds"]
             )
