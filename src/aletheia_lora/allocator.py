@@ -9,7 +9,9 @@ LoRA's step 4-14% slower and a ``--calibrate`` of one model disagree with copies
 blocks up to 32 MiB come from the heap, and up to 1 GiB of freed heap is kept for reuse instead of returned, so the
 process's resident memory can stay that much above its live memory.
 
-The command line applies it on CPU runs (``--cpu-allocator tuned``, the default); the library never does on its own.
+The command line applies it on CPU runs when asked (``--cpu-allocator tuned``); the library never does on its own.
+Measured (``bench/allocator.py``): SmolLM2's all-block LoRA step 0.6-2.8% faster, the top half's 1.6-5.2% slower,
+peak memory up to 364 MB higher, so it is not the default.
 Elsewhere (macOS, Windows, musl) it does nothing and says so.
 """
 
@@ -29,8 +31,9 @@ TUNED = {"mmap_threshold": 32 * MiB, "trim_threshold": 1024 * MiB, "top_pad": 25
 CPU_ALLOCATORS = ("tuned", "default")
 CPU_ALLOCATOR_HELP = (
     "glibc's malloc on CPU runs (Linux): 'tuned' fixes its mmap threshold (32 MiB), trim threshold (1 GiB) and top "
-    "pad (256 MiB), so freed activations are reused instead of returned and faulted in again (faster, steadier "
-    "steps; resident memory may stay up to 1 GiB above live memory); 'default' leaves the allocator as it is."
+    "pad (256 MiB), so freed activations are reused instead of returned and faulted in again (resident memory may "
+    "stay up to 1 GiB above live memory; bench/allocator.py measured no consistent speedup); 'default' (the default) "
+    "leaves the allocator as it is."
 )
 ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 _PARAMS = {"mmap_threshold": M_MMAP_THRESHOLD, "trim_threshold": M_TRIM_THRESHOLD, "top_pad": M_TOP_PAD}

@@ -126,8 +126,7 @@ class BenchConfig:
     cpu_allocator: str = stage_field(
         ModelConfig,
         "cpu_allocator",
-        default="default",
-        note="Here 'default' by default: the committed SmolLM2 figures were timed with glibc's own thresholds.",
+        note="The committed SmolLM2 figures were timed with glibc's own thresholds.",
     )
     threads: int | None = field(
         default=1, metadata={"help": "CPU threads of torch ('none': torch's own; 1 suits a shared machine)."}

@@ -330,7 +330,7 @@ class ModelConfig:
     )
     dtype: str = field(default="auto", metadata={"help": DTYPE_HELP})
     device: str | None = field(default=None, metadata={"help": "Device, e.g. cpu or cuda (default: cuda if present)."})
-    cpu_allocator: str = field(default="tuned", metadata={"help": CPU_ALLOCATOR_HELP})
+    cpu_allocator: str = field(default="default", metadata={"help": CPU_ALLOCATOR_HELP})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run code shipped with a checkpoint (off unless asked)."}
     )
