@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shlex
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from aletheia_lora.bench.measure import launch_prefix
 from aletheia_lora.files import write_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,14 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                     capture_output=True, text=True, check=True,
                 )  # fmt: skip
                 runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        threads = os.environ.get("OMP_NUM_THREADS")
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        prefix = ([f"OMP_NUM_THREADS={threads}"] if threads else []) + (
-            ["taskset", "-c", ",".join(map(str, cpus))] if cpus and len(cpus) < (os.cpu_count() or 0) else []
-        )
         flags = argv if argv is not None else sys.argv[1:]
         result = {
-            "command": " ".join([*prefix, ".venv/bin/python", "bench/allocator.py", *map(shlex.quote, flags)]),
+            "command": " ".join(
+                [*launch_prefix(), ".venv/bin/python", "bench/allocator.py", *map(shlex.quote, flags)]
+            ),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "steps": args.steps,
             "runs": runs,

@@ -59,7 +59,7 @@ from families_report import ARMS, NAME, PAPER_RANGE, render_outputs, repo_relati
 from aletheia_lora import apply_aletheia_lora, gradient_probe, select_layers
 from aletheia_lora.allocator import CPU_ALLOCATORS, tune_cpu_allocator
 from aletheia_lora.bench.config import RENAMED_SETTINGS, read_settings, renamed_hint
-from aletheia_lora.bench.measure import MB, BackwardTrace, machine_info, package_versions, timed_step
+from aletheia_lora.bench.measure import MB, BackwardTrace, launch_prefix, machine_info, package_versions, timed_step
 from aletheia_lora.bench.workload import lora_copy
 from aletheia_lora.calibrate import calibrate
 from aletheia_lora.cost import CostModel
@@ -415,16 +415,6 @@ def load_config(path: Path) -> dict:
     return cfg
 
 
-def _launch_prefix() -> list[str]:
-    """``OMP_NUM_THREADS=1 taskset -c 1`` as this process was launched, for the recorded command."""
-    threads = os.environ.get("OMP_NUM_THREADS")
-    prefix = [f"OMP_NUM_THREADS={shlex.quote(threads)}"] if threads else []
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if cpus and len(cpus) < (os.cpu_count() or len(cpus)):
-        prefix += ["taskset", "-c", ",".join(map(str, cpus))]
-    return prefix
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -473,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{fam['family']} ({rec['seconds']:.0f} s), measured/model/calibrated: {summary}", file=sys.stderr,
               flush=True)  # fmt: skip
     flags = argv if argv is not None else sys.argv[1:]
-    command = " ".join([*_launch_prefix(), ".venv/bin/python", "bench/families.py"] + [shlex.quote(a) for a in flags])
+    command = " ".join([*launch_prefix(), ".venv/bin/python", "bench/families.py"] + [shlex.quote(a) for a in flags])
     result = {
         "name": NAME,
         "command": command,

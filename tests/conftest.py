@@ -124,6 +124,4 @@ def _glibc_defaults_in_this_process(monkeypatch):
     """The test process keeps glibc's own malloc thresholds: memory tests read the resident set, and a pipeline
     test tuning them (``ModelConfig.load`` on the CPU) would change every later test's figures. The tuning itself
     is tested in subprocesses (tests/test_allocator.py)."""
-    calls = []
-    monkeypatch.setattr("aletheia_lora.models.loading.tune_cpu_allocator", lambda: calls.append(1))
-    return calls
+    monkeypatch.setattr("aletheia_lora.models.loading.tune_cpu_allocator", lambda: None)

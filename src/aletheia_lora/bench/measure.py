@@ -16,6 +16,7 @@ import importlib.metadata
 import os
 import platform
 import re
+import shlex
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -334,6 +335,16 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
     return info
+
+
+def launch_prefix() -> list[str]:
+    """``OMP_NUM_THREADS=1 taskset -c 1`` as this process was launched, for a benchmark's recorded command."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    prefix = [f"OMP_NUM_THREADS={shlex.quote(threads)}"] if threads else []
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if cpus and len(cpus) < (os.cpu_count() or len(cpus)):
+        prefix += ["taskset", "-c", ",".join(map(str, cpus))]
+    return prefix
 
 
 def package_versions(names: Sequence[str] = PACKAGES) -> dict[str, str | None]:
