@@ -223,12 +223,21 @@ def targets_lines(result: dict, cached: list[dict], cached_path: Path | None) ->
     return lines
 
 
+def _load(result: dict) -> str:
+    """The 1-minute load average before and after the run (the run itself adds 1 on its core)."""
+    load = result.get("load_average") or {}
+    if not load.get("before") or not load.get("after"):
+        return ""
+    return f", load average {load['before'][0]:.2f} before and {load['after'][0]:.2f} after"
+
+
 def render_markdown(result: dict) -> str:
     cfg = result["config"]
     lines = [
         f"Command: `{result['command']}` ({result['created']}, {result['wall_seconds'] / 60:.1f} min, "
         f"{result['machine']['processor']}, {result['machine']['torch_threads']} torch thread, "
-        f"torch {result['versions'].get('torch', '?')}, transformers {result['versions'].get('transformers', '?')}).",
+        f"torch {result['versions'].get('torch', '?')}, transformers {result['versions'].get('transformers', '?')}"
+        f"{_load(result)}).",
         "",
         f"Batch {cfg['batch_size']} x {cfg['seq_len']} random tokens, LoRA r={cfg['r']} on the attention and MLP "
         f"projections, AdamW, {cfg['untimed_steps']} untimed + {cfg['steps']} timed steps per arm, arms round-robin. "

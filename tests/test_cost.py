@@ -363,14 +363,14 @@ def test_cached_and_frozen_steps():
 
 def test_describe_prediction_states_basis_and_band():
     cost = CostModel.from_model(llama_config(4), seq_len=8)
-    assert describe_prediction(1.2912, cost.description) == "1.29x ± 4% (cost model, not calibrated)"
-    assert describe_prediction(1.2912, calibrated=True) == "1.29x ± 7% (calibrated on this machine)"
+    assert describe_prediction(1.2912, cost.description) == "1.29x ± 5% (cost model, not calibrated)"
+    assert describe_prediction(1.2912, calibrated=True) == "1.29x ± 6% (calibrated on this machine)"
     flops = CostModel.from_model(llama_config(4), seq_len=8, overheads=None)
     assert describe_prediction(1.1, flops.description).endswith("FLOPs only; no measured error band)")
     assert describe_prediction(1.25, "uniform blocks (no model)") == (
         "1.25x (uniform blocks (no model); no measured error band)"
     )
-    assert (COST_MODEL_ERROR_BAND, CALIBRATED_ERROR_BAND) == (0.04, 0.07)
+    assert (COST_MODEL_ERROR_BAND, CALIBRATED_ERROR_BAND) == (0.05, 0.06)
 
 
 # --- timeline: progressive freezing and prefix caches over a run --------------------------------------------------
@@ -449,11 +449,11 @@ def test_run_summary_states_the_predictions_basis_and_band():
 
     cost = CostModel.from_model(llama_config(4), seq_len=8)
     sel = Selection(layers=(2, 3), strategy="contiguous", predicted_speedup=1.2912, cost_model=cost.description)
-    assert predicted_text(sel) == "1.29x ± 4% faster per step than LoRA on all layers (cost model, not calibrated)"
+    assert predicted_text(sel) == "1.29x ± 5% faster per step than LoRA on all layers (cost model, not calibrated)"
     calibrated = Selection(layers=(2, 3), strategy="contiguous", predicted_speedup=1.3, calibration={"fixed_s": 1.0})
     assert (
         predicted_text(calibrated, "all blocks")
-        == "1.30x ± 7% faster per step than all blocks (calibrated on this machine)"
+        == "1.30x ± 6% faster per step than all blocks (calibrated on this machine)"
     )
     old = Selection(
         layers=(2, 3), strategy="contiguous", predicted_speedup=1.2, cost_model="llama (modules), 1x128 tokens, r=16"

@@ -15,11 +15,14 @@ a minute), and that drift lands in the fitted costs; interleaved, it hits every 
 arms of a benchmark trained round-robin. A LoRA layer whose adapter is inactive only runs its base layer (and a
 little Python around it).
 
-On Linux CPUs, glibc's default allocator returns freed memory to the system and faults it in again, more for larger
-steps and by an amount that depends on the process's heap history: a calibration (one model holding every placement)
-and a training run can see different amounts of it; fixed thresholds in the environment (``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``) remove that bias (figures: README, "Predicted speedups"). This module
-leaves the process's allocator as it is.
+On Linux CPUs, glibc's default allocator returns freed memory to the system and faults it in again, by an amount
+that depends on what ran before: interleaved with smaller steps, a large step can pay more than in a run of its own
+steps. It can show where a step's largest tensors lie below glibc's 32 MiB ceiling for that behaviour: on the families
+benchmark's scaled Qwen2.5 (19 MB of logits per step) the contiguous top half ran 1.52x all-layer LoRA's step rate
+timed round-robin but 1.46x timed in runs of consecutive steps (one process, a scratch run), calibrations gave
+1.51-1.59x, and its calibrated error (+6.0%) is the committed benchmark's largest; the 7 other families and
+SmolLM2-135M were within 2.8%. ``--cpu-allocator tuned`` fixes the thresholds (:mod:`aletheia_lora.allocator`); this
+module leaves the process's allocator as it is.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def _loss(report: dict, when: str, part: str = "target") -> float | None:
 
 
 def predicted_text(sel: Selection, than: str = "LoRA on all layers") -> str:
-    """``1.29x ± 4% faster per step than LoRA on all layers (cost model, not calibrated)``: the selection's
+    """``1.29x ± 5% faster per step than LoRA on all layers (cost model, not calibrated)``: the selection's
     predicted speedup with its error band and basis (:func:`~aletheia_lora.cost.prediction_basis`)."""
     band, basis = prediction_basis(sel.cost_model, calibrated=sel.calibration is not None)
     plus_minus = "" if band is None else f" ± {band:.0%}"
@@ -57,7 +57,7 @@ def _blocks(count: int) -> str:
 
 
 def _cached_line(sel: Selection) -> str:
-    """``cached epochs   1.70x ± 4% per step ...``: the chosen selection's step once ``--cache-prefix`` feeds it.
+    """``cached epochs   1.70x ± 5% per step ...``: the chosen selection's step once ``--cache-prefix`` feeds it.
     Its basis is the cost model's even beside a calibration, which has no cache term."""
     if sel.cached_speedup is None:
         lowest = sel.lowest_layer
