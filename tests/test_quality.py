@@ -14,14 +14,17 @@ from aletheia_lora import freeze
 from aletheia_lora.bench.quality import ARMS, QualityConfig, choose_rate, planned_units, run_protocol, unit_path
 from aletheia_lora.bench.quality.arms import AFTER, RATE_FROM, ArmChoice, ArmContext, rate_source, register_arm
 from aletheia_lora.bench.quality.protocol import _Session
-from aletheia_lora.bench.quality.summary import sweep_losses
+from aletheia_lora.bench.quality.summary import predicted_time, sweep_losses
 from aletheia_lora.bench.quality.tasks import load_base, validation_or_test
 from aletheia_lora.bench.quality.unit import _clock, run_unit
 from aletheia_lora.cli import main
+from aletheia_lora.cost import CostModel
 from aletheia_lora.data.corpora import missing_corpus_package
 from aletheia_lora.forecast import even_freeze_steps
 from aletheia_lora.layers import find_decoder_stack
 from aletheia_lora.plan import selection_cost
+from aletheia_lora.timeline import predict_timeline
+from test_cost import llama_config
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "bench" / "configs" / "quality_quick.yaml"
@@ -522,3 +525,63 @@ def test_the_committed_protocol_is_complete_and_its_page_is_rendered_from_its_js
         assert (REPO / "bench" / "results" / f"{summary['name']}_{task}.png").is_file()
     assert page == render_markdown(summary)
     assert "aletheia-lora quality --config bench/configs/quality.yaml" in page
+
+
+def test_each_seed_holds_its_training_time_predicted_from_its_blocks_freezes_and_cache_builds():
+    cost = CostModel.from_model(llama_config(6), seq_len=8, batch_size=2, r=4)
+    static = {"layers": [3, 4, 5], "steps": 10}
+    assert predicted_time(static, cost) == pytest.approx(1 / cost.speedup([3, 4, 5]))
+    cached = {**static, "prefix_cache": {"block": 3, "rows": 40}}
+    expected = predict_timeline(cost, [{"step": 0, "lowest_trainable": 3}], 10, blocks=[3, 4, 5],
+                                cache_builds=[{"step": 0, "block": 3}], rows=40)  # fmt: skip
+    assert predicted_time(cached, cost) == pytest.approx(expected.relative_time)
+    cached_step = cost.step_cost([3, 4, 5], cache_block=3).effective / cost.step_cost(range(6)).effective
+    assert predicted_time(cached, cost) > cached_step  # the build is charged on top of the cached steps
+    timeline = [{"step": 0, "lowest_trainable": 0, "frozen": []}, {"step": 4, "lowest_trainable": 2, "frozen": [0, 1]}]
+    progressive = {"layers": list(range(6)), "steps": 10, "freeze": {"timeline": timeline},
+                   "prefix_cache": {"builds": [{"step": 8, "block": 2, "build_seconds": 0.1}]}}  # fmt: skip
+    expected = predict_timeline(cost, [{k: e[k] for k in ("step", "lowest_trainable")} for e in timeline], 10,
+                                cache_builds=[{"step": 8, "block": 2}], rows=40)  # fmt: skip
+    assert predicted_time(progressive, cost, train_rows=40) == pytest.approx(expected.relative_time)
+    assert 1 / cost.speedup(range(2, 6)) < predicted_time({**progressive, "prefix_cache": {}}, cost) < 1
+    wider = CostModel.from_model(llama_config(6), seq_len=8, batch_size=2, r=16)  # another rank than all-layer's
+    expected = wider.step_cost([3, 4, 5]).effective / cost.step_cost(range(6)).effective
+    assert predicted_time(static, wider, reference=cost) == pytest.approx(expected)
+
+
+def test_the_summary_sets_predicted_training_time_beside_the_measured_and_the_page_shows_both(quick_run):
+    summary = quick_run["summary"]
+    info = summary["time_prediction"]
+    assert info["cost_model"] and info["max_error"] is not None
+    errors = []
+    for entry in summary["tasks"].values():
+        ref = entry["reference"]
+        for name, arm in entry["arms"].items():
+            for s in arm["seeds"]:
+                r = ref[str(s["seed"])]
+                assert s["time_vs_all"] == pytest.approx(s["train_seconds"] / r["train_seconds"])
+                assert s["time_prediction_error"] == pytest.approx(s["predicted_time_vs_all"] / s["time_vs_all"] - 1)
+                if name == "all":
+                    assert s["predicted_time_vs_all"] == pytest.approx(1.0)
+                else:
+                    errors.append(abs(s["time_prediction_error"]))
+    assert info["max_error"] == pytest.approx(max(errors))
+    page = (quick_run["out"] / "docs" / "QUALITY.md").read_text()
+    assert "## Training time: predicted before training, measured" in page
+    assert f"Largest error {info['max_error']:.1%}" in page
+
+
+def test_the_time_table_names_the_arms_the_cost_model_does_not_price():
+    from aletheia_lora.bench.quality.render import time_prediction_lines
+
+    stats = {"mean": 0.9, "sd": 0.01, "sem": None, "n": 2}
+    priced = {"seeds": [{"seed": 0, "time_prediction_error": -0.02}, {"seed": 1, "time_prediction_error": 0.01}],
+              "summary": {"predicted_time_vs_all": stats, "time_vs_all": stats}}  # fmt: skip
+    arms = {"all": priced, "score": priced, "paper": {"seeds": [{"seed": 0}], "summary": {}}}
+    summary = {"time_prediction": {"cost_model": "m", "max_error": 0.02, "median_error": 0.015},
+               "tasks": {"code": {"arms": arms}}}  # fmt: skip
+    lines = time_prediction_lines(summary)
+    assert "| code | score | 0.900 ± 0.010 | 0.900 ± 0.010 | -2.0% / +1.0% |" in lines
+    assert not any(line.startswith("| code | all ") or line.startswith("| code | paper ") for line in lines)
+    assert "Not predicted: `paper` (per-module ranks; the cost model prices one rank for every module)." in lines
+    assert time_prediction_lines({"tasks": {}}) == []

@@ -7,6 +7,7 @@ it stopped; the summary and the page are made from the unit files alone."""
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import sys
@@ -15,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from aletheia_lora.bench.measure import machine_info
 from aletheia_lora.bench.quality.arms import AFTER, ARMS, SEEDED_ARMS, ArmContext, rate_source
@@ -33,7 +35,7 @@ from aletheia_lora.bench.quality.tasks import TaskData, load_base, load_task
 from aletheia_lora.bench.quality.unit import run_unit
 from aletheia_lora.evaluation import evaluate_loss
 from aletheia_lora.files import write_json
-from aletheia_lora.layers import find_decoder_stack
+from aletheia_lora.layers import DecoderStack, find_decoder_stack
 from aletheia_lora.pipeline import versions
 from aletheia_lora.plan import probe_scores, selection_cost
 
@@ -44,6 +46,13 @@ def _write(path: Path, payload: dict) -> None:
     """Write ``payload`` as JSON at ``path`` atomically, creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, payload)
+
+
+def arm_cost(base: nn.Module, config: QualityConfig, stack: DecoderStack | None = None, r: int | None = None):
+    """The cost model the arms select with (at rank ``r``, default the config's); the summary prices every unit's
+    training time with it too."""
+    return selection_cost(base, seq_len=config.max_length, batch_size=config.batch_size,
+                          lora={"r": config.r if r is None else r}, stack=stack)  # fmt: skip
 
 
 class _Task:
@@ -83,8 +92,7 @@ class _Task:
                 cached = {"scores": {str(k): v for k, v in sorted(scores.items())}, "seconds": seconds}
                 _write(path, cached)
             scores = {int(k): float(v) for k, v in cached["scores"].items()}
-            cost = selection_cost(s.base, seq_len=c.max_length, batch_size=c.batch_size, lora={"r": c.r},
-                                  stack=s.stack)  # fmt: skip
+            cost = arm_cost(s.base, c, s.stack)
             self._context = ArmContext(s.base, s.stack, scores, cost, c, c.max_length, c.batch_size)
         return self._context
 
@@ -226,7 +234,9 @@ def run_protocol(
             _write(path, record)
             trained += 1
         stopped = stopped or trained == before
-    summary = summarize(config, root)
+    # nothing trained now: the base model only for its shapes
+    base, stack = (session.base, session.stack) if session else (load_base(config, torch.device("cpu"))[0], None)
+    summary = summarize(config, root, cost_at=functools.cache(lambda r: arm_cost(base, config, stack, r)))
     summary.update(
         command=command or f"run_protocol(QualityConfig.from_file(...), {str(out_dir)!r})",
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -112,6 +112,46 @@ def task_table(task: str, entry: dict) -> list[str]:
     return rows + [""]
 
 
+def time_prediction_lines(summary: dict) -> list[str]:
+    """Each arm's training time as the cost model predicted it before training, beside the measured one."""
+    info = summary.get("time_prediction")
+    if not info or info["max_error"] is None:
+        return []
+    lines = [
+        "## Training time: predicted before training, measured",
+        "",
+        f"Predicted: the cost model the arms were selected with ({info['cost_model']}), from each unit's blocks, its "
+        "freeze timeline (the progressive arms: the blocks frozen when they were) and its cache builds "
+        "(`aletheia_lora.timeline.predict_timeline`), without timing anything; measured: the unit's training seconds "
+        "(its cache build and the freezing rule's decisions included); both over all-layer LoRA's in the same seed. "
+        f"Error: predicted / measured - 1, per seed. Largest error {info['max_error']:.1%}, median "
+        f"{info['median_error']:.1%}. The units were timed one after another on a 2-core machine whose other core "
+        "was mostly busy (another unit or a benchmark), so the measured column carries that load; its spread over the "
+        "seeds shows how much.",
+        "",
+        "| task | arm | predicted time vs all | measured time vs all | error per seed |",
+        "|---|---|---|---|---|",
+    ]
+    unpriced = []
+    for task, entry in summary["tasks"].items():
+        for name, arm in entry["arms"].items():
+            seeds = [s for s in arm["seeds"] if "time_prediction_error" in s]
+            if arm["seeds"] and not seeds and name not in unpriced:
+                unpriced.append(name)
+            if name == "all" or not seeds:
+                continue
+            s = arm["summary"]
+            errors = " / ".join(f"{x['time_prediction_error']:+.1%}" for x in seeds)
+            lines.append(
+                f"| {task} | {name} | {_spread(s['predicted_time_vs_all'], '.3f')} | "
+                f"{_spread(s['time_vs_all'], '.3f')} | {errors} |"
+            )
+    if unpriced:
+        names = ", ".join(f"`{name}`" for name in unpriced)
+        lines += ["", f"Not predicted: {names} (per-module ranks; the cost model prices one rank for every module)."]
+    return lines + [""]
+
+
 def render_markdown(summary: dict) -> str:
     """The page: the gap first, then the command, then a verdict and sweep table per task."""
     extensions = summary.get("config", {}).get("sweep_extensions", 0)  # absent from runs before the setting
@@ -134,6 +174,7 @@ def render_markdown(summary: dict) -> str:
         lines += task_table(task, entry)
         if entry.get("plots"):
             lines += [f"![{task}]({p})" for p in entry["plots"]] + [""]
+    lines += time_prediction_lines(summary)
     if summary["missing_units"]:
         lines += [f"{len(summary['missing_units'])} units not run yet.", ""]
     return "\n".join(lines)

@@ -1,5 +1,8 @@
 """The protocol's summary, computed from the unit files alone: each arm's rate chosen on validation, its test
-losses per seed, and its time to all-layer LoRA's quality, read off the units' curves.
+losses per seed, and its time to all-layer LoRA's quality, read off the units' curves. Given the cost model the
+arms were selected with, each seed also holds its training time as predicted before training (the unit's blocks,
+freeze timeline and cache builds, :func:`~aletheia_lora.timeline.predict_timeline`) beside the measured one, both over
+all-layer LoRA's in the same seed.
 
 An arm registered with ``rate_from`` (:func:`~aletheia_lora.bench.quality.arms.rate_source`) has no sweep: its entry
 shows the rate its source chose, ``rate_from`` (the source) and ``sweep: {}``.
@@ -9,13 +12,16 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aletheia_lora.bench.analysis import interpolate_loss, interpolate_time
 from aletheia_lora.bench.quality.arms import rate_source
 from aletheia_lora.checks import read_data_file
+from aletheia_lora.cost import CostModel
 from aletheia_lora.select import SelectConfig
+from aletheia_lora.timeline import predict_timeline
 
 BASELINE = "all"
 # The gap the issue asks about: the default reaches all-layer LoRA's best test loss in this share of its time.
@@ -110,8 +116,50 @@ def _reference(unit: dict, share: float) -> dict:
         "seconds_to_bounded": interpolate_time(curve, bounded),
         "final_test_loss": unit["test_loss"],
         "train_seconds": unit["train_seconds"],
+        "steps": unit["steps"],
         "median_step_seconds": unit["median_step_seconds"],
     }
+
+
+def predicted_time(
+    unit: dict, cost: CostModel, train_rows: int | None = None, reference: CostModel | None = None
+) -> float:
+    """The unit's training time over all-layer LoRA's for as many steps, as the cost model predicts it from the
+    unit's blocks, its freeze timeline (progressive arms) and its cache builds (a static cache is built before the
+    first step; a progressive one where a freeze has stood an epoch). ``train_rows``: the rows a progressive cache
+    build runs over (a static cache records its own; default: the rows of an epoch's steps). ``cost`` prices the
+    unit at its own rank; ``reference``, all-layer LoRA's when that differs (default: ``cost``'s all-layer step)."""
+    freeze = unit.get("freeze") or {}
+    timeline = [{"step": e["step"], "lowest_trainable": e["lowest_trainable"]} for e in freeze.get("timeline", [])]
+    cache = unit.get("prefix_cache") or {}
+    if "builds" in cache:
+        builds = [{"step": b["step"], "block": b["block"]} for b in cache["builds"]]
+    else:
+        builds = [{"step": 0, "block": cache["block"]}] if "block" in cache else []
+    prediction = predict_timeline(
+        cost,
+        timeline or [{"step": 0, "lowest_trainable": min(unit["layers"])}],
+        unit["steps"],
+        blocks=unit["layers"],
+        cache_builds=builds,
+        rows=cache.get("rows") or train_rows or _rows_per_epoch(unit),
+    )
+    if reference is None:
+        return prediction.relative_time
+    every = range(cost.num_layers)
+    return prediction.relative_time * cost.step_cost(every).effective / reference.step_cost(every).effective
+
+
+def _predicted(unit: dict, cost_at: Callable[[int], CostModel] | None, r: int, train_rows: int | None) -> float | None:
+    lora = unit.get("lora") or {}
+    if cost_at is None or lora.get("attention_r") or lora.get("mlp_r"):
+        return None
+    return predicted_time(unit, cost_at(int(lora.get("r", r))), train_rows, reference=cost_at(r))
+
+
+def _rows_per_epoch(unit: dict) -> int | None:
+    batch_size = (unit.get("config") or {}).get("batch_size")
+    return unit["steps_per_epoch"] * batch_size if batch_size and "steps_per_epoch" in unit else None
 
 
 def _ratio(unit: dict, loss: float, reference_seconds: float | None) -> float | None:
@@ -121,7 +169,7 @@ def _ratio(unit: dict, loss: float, reference_seconds: float | None) -> float | 
     return reached / reference_seconds
 
 
-def _seed_record(unit: dict, ref: dict | None) -> dict:
+def _seed_record(unit: dict, ref: dict | None, predicted: float | None = None) -> dict:
     record = {
         "seed": unit["seed"],
         "layers": unit["layers"],
@@ -157,6 +205,10 @@ def _seed_record(unit: dict, ref: dict | None) -> dict:
         equal_time_test_loss_vs_all=at_time / ref["final_test_loss"],
         step_speedup=ref["median_step_seconds"] / unit["median_step_seconds"],
     )
+    if predicted is not None:
+        measured = (unit["train_seconds"] / unit["steps"]) / (all_seconds / ref["steps"])
+        record.update(predicted_time_vs_all=predicted, time_vs_all=measured,
+                      time_prediction_error=predicted / measured - 1)  # fmt: skip
     return record
 
 
@@ -191,8 +243,10 @@ def _beats(seeds: list[dict], ref_seeds: dict[int, dict]) -> bool | None:
     return False
 
 
-def summarize(config: Any, root: Path) -> dict:
-    """The summary of the units under ``root`` (``quality.json``'s content), complete or not."""
+def summarize(config: Any, root: Path, cost_at: Callable[[int], CostModel] | None = None) -> dict:
+    """The summary of the units under ``root`` (``quality.json``'s content), complete or not; with ``cost_at`` (the
+    cost model the arms were selected with, at a given LoRA rank), every seed's predicted and measured training time
+    (not predicted for per-module ranks, which the cost model does not price)."""
     tasks: dict[str, dict] = {}
     missing: list[str] = []
     for task in config.tasks:
@@ -225,14 +279,18 @@ def summarize(config: Any, root: Path) -> dict:
                     units.append(unit) if unit is not None else missing.append(str(path.relative_to(root)))
             arms[arm] = {"learning_rate": chosen, "sweep": sweep, "sweep_complete": complete, "units": units}
         ref_seeds = {u["seed"]: _reference(u, config.bounded_share) for u in arms[BASELINE]["units"]}
+        splits = read_unit(root / task / "splits.json") or {}
+        train_rows = splits.get("rows", {}).get("train")
         for name, entry in arms.items():
             units = entry.pop("units")
-            seeds = [_seed_record(u, ref_seeds.get(u["seed"])) for u in units]
+            predicted = [_predicted(u, cost_at, config.r, train_rows) for u in units]
+            seeds = [_seed_record(u, ref_seeds.get(u["seed"]), p) for u, p in zip(units, predicted)]
             entry["seeds"] = seeds
             entry["summary"] = {
                 key: _stats([s.get(key) for s in seeds])
                 for key in ("test_loss", "time_to_all_quality", "time_to_bounded_quality",
-                            "equal_time_test_loss_vs_all", "step_speedup", "forgetting", "first_step_peak_mb")
+                            "equal_time_test_loss_vs_all", "step_speedup", "forgetting", "first_step_peak_mb",
+                            "predicted_time_vs_all", "time_vs_all")
             }  # fmt: skip
             entry["beats_all"] = None if name == BASELINE else _beats(seeds, ref_seeds)
             if units:
@@ -247,6 +305,14 @@ def summarize(config: Any, root: Path) -> dict:
         "default_arm": default,
         "tasks": tasks,
     }
+    if cost_at is not None:
+        errors = [s["time_prediction_error"] for t in tasks.values() for name, a in t["arms"].items()
+                  if name != BASELINE for s in a["seeds"] if "time_prediction_error" in s]  # fmt: skip
+        summary["time_prediction"] = {
+            "cost_model": cost_at(config.r).description,
+            "max_error": max(map(abs, errors)) if errors else None,
+            "median_error": statistics.median(map(abs, errors)) if errors else None,
+        }
     summary["gap"] = gap(summary, config)
     return summary
 
