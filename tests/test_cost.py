@@ -138,6 +138,25 @@ def test_target_modules_match_by_suffix_as_peft_does():
     assert attn.lora_params[0] == 2 * (32 + 32)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_per_module_ranks_price_the_adapters_peft_builds(arch):
+    """attention_r / mlp_r (the paper's 16 / 64): the cost model counts the parameters PEFT injects, block by block,
+    and prices the larger MLP adapters above a uniform rank's."""
+    model = tiny_model(arch, n_layers=2)
+    cost = CostModel.from_model(model, seq_len=8, r=4, attention_r=8, mlp_r=32)
+    peft = get_peft_model(model, apply_aletheia_lora(model, [1], r=4, attention_r=8, mlp_r=32))
+    injected = sum(p.numel() for n, p in peft.named_parameters() if "lora_" in n)
+    assert cost.lora_params[1] == injected
+    uniform = CostModel.from_model(tiny_model(arch, n_layers=2), seq_len=8, r=4)
+    assert cost.lora_forward[1] > uniform.lora_forward[1]
+    assert cost.step_cost([1]).total > uniform.step_cost([1]).total
+    assert "r=4, attention_r=8, mlp_r=32" in cost.description
+    from_config = CostModel.from_model(model.config, seq_len=8, r=4, attention_r=8, mlp_r=32)  # qualified targets
+    assert from_config.lora_params == cost.lora_params
+    with pytest.raises(ValueError, match="mlp_r"):
+        CostModel.from_model(model, mlp_r=0)
+
+
 def test_config_shapes_for_other_families():
     # Falcon multi-query: one key and one value head; GPT-2's n_inner defaults to 4 * hidden.
     falcon = T.FalconConfig(vocab_size=10, hidden_size=64, num_hidden_layers=1, num_attention_heads=8)

@@ -23,6 +23,16 @@ def test_selection_cost_uses_the_runs_rank_and_checkpointing(lora):
     assert cost(top_half) != pytest.approx(default(top_half))
 
 
+@pytest.mark.parametrize("lora", [LoraSettings(r=4, attention_r=8, mlp_r=32), {"r": 4, "attention_r": 8, "mlp_r": 32}])
+def test_selection_cost_prices_per_module_ranks(lora):
+    model = tiny_model("llama", n_layers=6)
+    cost = selection_cost(model, seq_len=16, batch_size=2, lora=lora)
+    expected = CostModel.from_model(model, seq_len=16, batch_size=2, r=4, attention_r=8, mlp_r=32)
+    assert cost.lora_params == expected.lora_params
+    assert cost.lora_params != CostModel.from_model(model, seq_len=16, batch_size=2, r=4).lora_params
+    assert "attention_r=8, mlp_r=32" in cost.description
+
+
 def test_calibration_times_the_runs_rank_targets_and_dropout(monkeypatch):
     import aletheia_lora.plan as plan
 

@@ -547,6 +547,18 @@ def test_each_seed_holds_its_training_time_predicted_from_its_blocks_freezes_and
     wider = CostModel.from_model(llama_config(6), seq_len=8, batch_size=2, r=16)  # another rank than all-layer's
     expected = wider.step_cost([3, 4, 5]).effective / cost.step_cost(range(6)).effective
     assert predicted_time(static, wider, reference=cost) == pytest.approx(expected)
+    # a unit with per-module ranks is priced at them, against all-layer LoRA at the protocol's rank
+    from aletheia_lora.bench.quality.summary import _predicted
+
+    def cost_at(r, attention_r, mlp_r):
+        return CostModel.from_model(llama_config(6), seq_len=8, batch_size=2, r=r, attention_r=attention_r,
+                                    mlp_r=mlp_r)  # fmt: skip
+
+    paper = {**static, "lora": {"r": 4, "attention_r": 8, "mlp_r": 32}}
+    ranked = cost_at(4, 8, 32)
+    expected = ranked.step_cost([3, 4, 5]).effective / cost.step_cost(range(6)).effective
+    assert _predicted(paper, cost_at, 4, None) == pytest.approx(expected)
+    assert _predicted(paper, cost_at, 4, None) > _predicted({**static, "lora": {"r": 4}}, cost_at, 4, None)
 
 
 def test_the_summary_sets_predicted_training_time_beside_the_measured_and_the_page_shows_both(quick_run):
@@ -571,7 +583,7 @@ def test_the_summary_sets_predicted_training_time_beside_the_measured_and_the_pa
     assert f"Largest error {info['max_error']:.1%}" in page
 
 
-def test_the_time_table_names_the_arms_the_cost_model_does_not_price():
+def test_the_time_table_names_the_arms_without_a_prediction():
     from aletheia_lora.bench.quality.render import time_prediction_lines
 
     stats = {"mean": 0.9, "sd": 0.01, "sem": None, "n": 2}
@@ -583,5 +595,5 @@ def test_the_time_table_names_the_arms_the_cost_model_does_not_price():
     lines = time_prediction_lines(summary)
     assert "| code | score | 0.900 ± 0.010 | 0.900 ± 0.010 | -2.0% / +1.0% |" in lines
     assert not any(line.startswith("| code | all ") or line.startswith("| code | paper ") for line in lines)
-    assert "Not predicted: `paper` (per-module ranks; the cost model prices one rank for every module)." in lines
+    assert "Not predicted: `paper`." in lines
     assert time_prediction_lines({"tasks": {}}) == []

@@ -63,7 +63,7 @@ from aletheia_lora.layers import (
     text_config,
     unwrap_model,
 )
-from aletheia_lora.overheads import CPU_OVERHEADS, Overheads, step_overheads
+from aletheia_lora.overheads import CPU_OVERHEADS, Overheads, module_rank, step_overheads
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +260,8 @@ class CostModel:
         batch_size: int = 1,
         r: int = 16,
         target_modules: Sequence[str] | None = None,
+        attention_r: int | None = None,
+        mlp_r: int | None = None,
         backward_to_embeddings: bool | None = None,
         gradient_checkpointing: bool = False,
         optimizer_flops_per_param: float = DEFAULT_OPTIMIZER_FLOPS_PER_PARAM,
@@ -285,6 +287,8 @@ class CostModel:
             r: LoRA rank.
             target_modules: Adapted module names, matched against the end of a module name as PEFT does.
                 Default: the blocks' attention and MLP projections (what :func:`apply_aletheia_lora` adapts).
+            attention_r: Rank of the attention projections, mlp_r of the MLP's, where they differ from ``r``
+                (as :func:`apply_aletheia_lora` gives them).
             backward_to_embeddings: The backward runs through every block whatever is adapted (an
                 input-require-grads hook on the embeddings, or reentrant checkpointing). Default: the value
                 of ``gradient_checkpointing``, because transformers' ``gradient_checkpointing_enable``
@@ -305,6 +309,8 @@ class CostModel:
         seq_len = check_int("seq_len", seq_len, minimum=1)
         batch_size = check_int("batch_size", batch_size, minimum=1)
         r = check_int("r", r, minimum=1)
+        attention_r, mlp_r = (None if v is None else check_int(k, v, minimum=1) for k, v in
+                              (("attention_r", attention_r), ("mlp_r", mlp_r)))  # fmt: skip
         gradient_checkpointing = check_bool("gradient_checkpointing", gradient_checkpointing)
         if backward_to_embeddings is None:
             backward_to_embeddings = gradient_checkpointing
@@ -336,15 +342,19 @@ class CostModel:
         per_block: dict[str, list[float]] = {name: [] for name in _PER_BLOCK}
         for block, experts in zip(shapes.blocks, shapes.expert_params):
             linear = sum(2.0 * fan_in * fan_out for _, fan_in, fan_out, _ in block) * tokens + 2.0 * experts * tokens
-            width = sum(i + o for name, i, o, _ in block if any(matches_target(name, t) for t in targets))
+            # adapter width weighted by each module's rank: its FLOPs and parameters
+            width = sum(module_rank(name, targets, r, attention_r, mlp_r) * (i + o) for name, i, o, _ in block
+                        if any(matches_target(name, t) for t in targets))  # fmt: skip
             for name, value in zip(
-                _PER_BLOCK, (linear + attention, linear + 2 * attention, 2.0 * r * width * tokens, 4.0 * r * width *
-                             tokens, r * width)
+                _PER_BLOCK, (linear + attention, linear + 2 * attention, 2.0 * width * tokens, 4.0 * width * tokens,
+                             width)
             ):  # fmt: skip
                 per_block[name].append(value)
         head = 2.0 * shapes.head_in * shapes.vocab_size * tokens
         heads = _heads(model_or_config, shapes)
-        extra = step_overheads(shapes, targets, overheads, seq_len=seq_len, tokens=tokens, heads=heads, r=r)
+        extra = step_overheads(shapes, targets, overheads, seq_len=seq_len, tokens=tokens, heads=heads, r=r,
+                               attention_r=attention_r, mlp_r=mlp_r)  # fmt: skip
+        ranks = f"r={r}" + "".join(f", {k}={v}" for k, v in (("attention_r", attention_r), ("mlp_r", mlp_r)) if v)
         basis = OVERHEADS_TAG if overheads is not None else "FLOPs only"
         return cls(
             head_forward=head,
@@ -353,7 +363,7 @@ class CostModel:
             backward_to_embeddings=backward_to_embeddings,
             gradient_checkpointing=gradient_checkpointing,
             batch_size=batch_size,
-            description=f"{shapes.model_type} ({shapes.source}), {batch_size}x{seq_len} tokens, r={r}, {basis}",
+            description=f"{shapes.model_type} ({shapes.source}), {batch_size}x{seq_len} tokens, {ranks}, {basis}",
             **{name: tuple(values) for name, values in per_block.items()},
             **extra,
         )

@@ -56,7 +56,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from aletheia_lora.checks import check_number
-from aletheia_lora.layers import BlockShapes, matches_target
+from aletheia_lora.layers import ATTENTION, KNOWN_MODULE_KINDS, MLP, BlockShapes, matches_target
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,23 @@ class Overheads:
 CPU_OVERHEADS = Overheads()
 
 
+def module_rank(
+    name: str, targets: Sequence[str], r: int, attention_r: int | None = None, mlp_r: int | None = None
+) -> int:
+    """The LoRA rank of module ``name``: ``attention_r`` or ``mlp_r`` when the target it matches is of that kind (as
+    :func:`~aletheia_lora.config.apply_aletheia_lora` sets PEFT's ``rank_pattern``), else ``r``."""
+    for target in targets:
+        if matches_target(name, target):
+            # a qualified target (a config's default, "self_attn.q_proj") is of its leaf's kind
+            kind = KNOWN_MODULE_KINDS.get(target, KNOWN_MODULE_KINDS.get(target.rsplit(".", 1)[-1]))
+            if kind == ATTENTION and attention_r:
+                return attention_r
+            if kind == MLP and mlp_r:
+                return mlp_r
+            return r
+    return r
+
+
 def step_overheads(
     shapes: BlockShapes,
     targets: Sequence[str],
@@ -105,6 +122,8 @@ def step_overheads(
     tokens: int,
     heads: int,
     r: int,
+    attention_r: int | None = None,
+    mlp_r: int | None = None,
 ) -> dict[str, Any]:
     """The overhead fields of a :class:`~aletheia_lora.cost.CostModel` for a model's shapes (all 0 for None).
 
@@ -116,6 +135,8 @@ def step_overheads(
         tokens: Tokens per step.
         heads: Attention heads per block (0: scores not priced).
         r: LoRA rank.
+        attention_r: Rank of the attention projections, when it differs (:func:`module_rank`).
+        mlp_r: Rank of the MLP projections, when it differs.
 
     Raises:
         TypeError: ``overheads`` is neither an :class:`Overheads` nor None.
@@ -126,14 +147,14 @@ def step_overheads(
     scores = float(seq_len * heads * tokens)
     out: dict[str, list[float]] = {name: [] for name in ("block", "backward", "forward", "adapter", "update")}
     for block in shapes.blocks:
-        adapted = [(i, o) for name, i, o, _ in block if any(matches_target(name, t) for t in targets)]
-        width = sum(i + o for i, o in adapted) * tokens
+        adapted = [(name, i, o) for name, i, o, _ in block if any(matches_target(name, t) for t in targets)]
+        width = sum(i + o for _, i, o in adapted) * tokens
         linear_width = sum(i + o for _, i, o, _ in block) * tokens
         out["block"].append(price.attention_forward * scores + price.elementwise_forward * linear_width)
         out["backward"].append(price.attention_backward * scores + price.elementwise_backward * linear_width)
         out["forward"].append(price.adapter_forward * width)
         out["adapter"].append(price.adapter_backward * width)
-        params = r * width / tokens
+        params = sum(module_rank(name, targets, r, attention_r, mlp_r) * (i + o) for name, i, o in adapted)
         out["update"].append(price.optimizer_per_tensor * 2 * len(adapted) + price.optimizer_per_param * params)
     return {
         "block_forward_overhead": tuple(out["block"]),

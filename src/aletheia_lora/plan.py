@@ -134,6 +134,8 @@ def selection_cost(
             batch_size=batch_size,
             r=int(settings.get("r", 16)),
             target_modules=settings.get("target_modules"),
+            attention_r=settings.get("attention_r"),
+            mlp_r=settings.get("mlp_r"),
             gradient_checkpointing=gradient_checkpointing,
             stack=stack,
         )

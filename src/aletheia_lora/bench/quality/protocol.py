@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,11 +49,11 @@ def _write(path: Path, payload: dict) -> None:
     write_json(path, payload)
 
 
-def arm_cost(base: nn.Module, config: QualityConfig, stack: DecoderStack | None = None, r: int | None = None):
-    """The cost model the arms select with (at rank ``r``, default the config's); the summary prices every unit's
-    training time with it too."""
-    return selection_cost(base, seq_len=config.max_length, batch_size=config.batch_size,
-                          lora={"r": config.r if r is None else r}, stack=stack)  # fmt: skip
+def arm_cost(base: nn.Module, config: QualityConfig, stack: DecoderStack | None = None, **lora: Any) -> Any:
+    """The cost model the arms select with (at the config's rank, or the ``lora`` ranks given); the summary prices
+    every unit's training time with it too."""
+    return selection_cost(base, seq_len=config.max_length, batch_size=config.batch_size, lora={"r": config.r, **lora},
+                          stack=stack)  # fmt: skip
 
 
 class _Task:
@@ -236,7 +237,8 @@ def run_protocol(
         stopped = stopped or trained == before
     # nothing trained now: the base model only for its shapes
     base, stack = (session.base, session.stack) if session else (load_base(config, torch.device("cpu"))[0], None)
-    summary = summarize(config, root, cost_at=functools.cache(lambda r: arm_cost(base, config, stack, r)))
+    cost_at = functools.cache(lambda r, a, m: arm_cost(base, config, stack, r=r, attention_r=a, mlp_r=m))
+    summary = summarize(config, root, cost_at=cost_at)
     summary.update(
         command=command or f"run_protocol(QualityConfig.from_file(...), {str(out_dir)!r})",
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -120,7 +120,8 @@ def time_prediction_lines(summary: dict) -> list[str]:
     lines = [
         "## Training time: predicted before training, measured",
         "",
-        f"Predicted: the cost model the arms were selected with ({info['cost_model']}), from each unit's blocks, its "
+        f"Predicted: the cost model the arms were selected with ({info['cost_model']}; at each unit's own ranks), "
+        "from each unit's blocks, its "
         "freeze timeline (the progressive arms: the blocks frozen when they were) and its cache builds "
         "(`aletheia_lora.timeline.predict_timeline`), without timing anything; measured: the unit's training seconds "
         "(its cache build and the freezing rule's decisions included); both over all-layer LoRA's in the same seed. "
@@ -147,8 +148,7 @@ def time_prediction_lines(summary: dict) -> list[str]:
                 f"{_spread(s['time_vs_all'], '.3f')} | {errors} |"
             )
     if unpriced:
-        names = ", ".join(f"`{name}`" for name in unpriced)
-        lines += ["", f"Not predicted: {names} (per-module ranks; the cost model prices one rank for every module)."]
+        lines += ["", "Not predicted: " + ", ".join(f"`{name}`" for name in unpriced) + "."]
     return lines + [""]
 
 

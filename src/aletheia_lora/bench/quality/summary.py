@@ -24,6 +24,8 @@ from aletheia_lora.select import SelectConfig
 from aletheia_lora.timeline import predict_timeline
 
 BASELINE = "all"
+# (r, attention_r, mlp_r) -> the cost model at those ranks
+CostAt = Callable[[int, int | None, int | None], CostModel]
 # The gap the issue asks about: the default reaches all-layer LoRA's best test loss in this share of its time.
 GAP_TIME = 0.8
 
@@ -150,11 +152,12 @@ def predicted_time(
     return prediction.relative_time * cost.step_cost(every).effective / reference.step_cost(every).effective
 
 
-def _predicted(unit: dict, cost_at: Callable[[int], CostModel] | None, r: int, train_rows: int | None) -> float | None:
-    lora = unit.get("lora") or {}
-    if cost_at is None or lora.get("attention_r") or lora.get("mlp_r"):
+def _predicted(unit: dict, cost_at: CostAt | None, r: int, train_rows: int | None) -> float | None:
+    if cost_at is None:
         return None
-    return predicted_time(unit, cost_at(int(lora.get("r", r))), train_rows, reference=cost_at(r))
+    lora = unit.get("lora") or {}
+    ranks = (int(lora.get("r", r)), lora.get("attention_r"), lora.get("mlp_r"))
+    return predicted_time(unit, cost_at(*ranks), train_rows, reference=cost_at(r, None, None))
 
 
 def _rows_per_epoch(unit: dict) -> int | None:
@@ -243,10 +246,10 @@ def _beats(seeds: list[dict], ref_seeds: dict[int, dict]) -> bool | None:
     return False
 
 
-def summarize(config: Any, root: Path, cost_at: Callable[[int], CostModel] | None = None) -> dict:
+def summarize(config: Any, root: Path, cost_at: CostAt | None = None) -> dict:
     """The summary of the units under ``root`` (``quality.json``'s content), complete or not; with ``cost_at`` (the
-    cost model the arms were selected with, at a given LoRA rank), every seed's predicted and measured training time
-    (not predicted for per-module ranks, which the cost model does not price)."""
+    cost model the arms were selected with, at given ranks: ``r``, ``attention_r``, ``mlp_r``), every seed's
+    predicted and measured training time."""
     tasks: dict[str, dict] = {}
     missing: list[str] = []
     for task in config.tasks:
@@ -309,7 +312,7 @@ def summarize(config: Any, root: Path, cost_at: Callable[[int], CostModel] | Non
         errors = [s["time_prediction_error"] for t in tasks.values() for name, a in t["arms"].items()
                   if name != BASELINE for s in a["seeds"] if "time_prediction_error" in s]  # fmt: skip
         summary["time_prediction"] = {
-            "cost_model": cost_at(config.r).description,
+            "cost_model": cost_at(config.r, None, None).description,
             "max_error": max(map(abs, errors)) if errors else None,
             "median_error": statistics.median(map(abs, errors)) if errors else None,
         }
