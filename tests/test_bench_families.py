@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from aletheia_lora.bench.config import load_result
 from aletheia_lora.cost import CALIBRATED_ERROR_BAND, COST_MODEL_ERROR_BAND
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "families.py"
 CONFIG = REPO / "bench" / "configs" / "families.yaml"
+TUNED_CONFIG = REPO / "bench" / "configs" / "families_tuned.yaml"
+TUNED_RESULTS = REPO / "bench" / "results" / "families_tuned"
 
 
 def _module():
@@ -176,6 +179,22 @@ def test_committed_errors_are_what_the_console_bands_say():
         worst = max(abs(a[key]) for a in every)
         assert result["errors"][key]["max"] == worst
         assert band == math.ceil(worst * 100 - 1e-9) / 100, (key, worst, band)
+
+
+def test_the_tuned_run_differs_from_the_default_run_only_in_its_allocator():
+    default, tuned = families.load_config(CONFIG), families.load_config(TUNED_CONFIG)
+    assert (default.pop("cpu_allocator"), tuned.pop("cpu_allocator")) == ("default", "tuned")
+    assert tuned == default
+
+
+def test_the_committed_tuned_run_ran_tuned_and_its_table_is_rendered_from_its_json():
+    import families_report  # on sys.path since _module()
+
+    result = load_result(TUNED_RESULTS / "families.json")
+    assert result["config"]["cpu_allocator"] == "tuned" and result["machine"]["allocator"]["tuned"]
+    assert "--config bench/configs/families_tuned.yaml" in result["command"]
+    assert result["smollm2"] is not None and len(result["families"]) == 8
+    assert families_report.render_markdown(result) == (TUNED_RESULTS / "families.md").read_text()
 
 
 @pytest.mark.slow

@@ -49,6 +49,29 @@ def test_calibration_times_the_runs_rank_targets_and_dropout(monkeypatch):
     assert selection_cost(model, rows, seq_len=16, batch_size=2, calibrate=True, lora=lora).description == "timed"
     assert seen["r"] == 4 and seen["target_modules"] == ["q_proj"] and seen["rows"] == 2
     assert seen["lora_kwargs"] == {"lora_dropout": 0.1}
+    lora = LoraSettings(r=4, attention_r=8, mlp_r=32)
+    selection_cost(model, rows, seq_len=16, batch_size=2, calibrate=True, lora=lora)
+    assert seen["lora_kwargs"] == {"lora_dropout": 0.0, "attention_r": 8, "mlp_r": 32}
+
+
+@pytest.mark.parametrize(
+    ("state", "hint"),
+    [
+        ({"libc": "glibc-2.36", "tuned": None, "environment": {}}, True),
+        ({"libc": "glibc-2.36", "tuned": {"mmap_threshold": 1}, "environment": {}}, False),
+        ({"libc": "glibc-2.36", "tuned": None, "environment": {"MALLOC_TOP_PAD_": "1"}}, False),
+        ({"libc": None, "tuned": None, "environment": {}}, False),
+    ],
+)
+def test_a_cpu_calibration_under_glibcs_default_thresholds_points_to_the_tuned_allocator(monkeypatch, caplog, state,
+                                                                                         hint):  # fmt: skip
+    import aletheia_lora.plan as plan
+
+    monkeypatch.setattr(plan, "time_lora_steps", lambda *a, **k: SimpleNamespace(description="timed"))
+    monkeypatch.setattr(plan, "allocator_state", lambda: state)
+    with caplog.at_level("INFO", logger="aletheia_lora.plan"):
+        selection_cost(tiny_model("llama", n_layers=2), [{"input_ids": [1, 2]}], seq_len=4, calibrate=True)
+    assert ("--cpu-allocator tuned" in caplog.text) is hint
 
 
 def test_beside_a_calibration_the_cached_predictions_are_priced_at_the_runs_rank():

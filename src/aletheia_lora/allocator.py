@@ -2,9 +2,10 @@
 
 By default glibc adapts its mmap threshold as blocks are freed, and gives memory above 128 KiB at the top of the heap
 back to the system, so a training step that frees and re-allocates its activations keeps faulting the same pages in
-again, by an amount that depends on what the process allocated before. On this project's CPU that made all-layer
-LoRA's step 4-14% slower and a ``--calibrate`` of one model disagree with copies trained side by side (README,
-"Predicted speedups"). :func:`tune_cpu_allocator` fixes the three thresholds, as the ``MALLOC_MMAP_THRESHOLD_``,
+again, by an amount that depends on what the process allocated before. On this project's CPU that made a
+``--calibrate`` of one model disagree with copies trained side by side: the families benchmark calibrated within 6.0%
+with glibc's defaults, within 1.7% tuned (``bench/results/families{,_tuned}``; README, "Predicted speedups").
+:func:`tune_cpu_allocator` fixes the three thresholds, as the ``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_TOP_PAD_`` environment variables would at start-up, through ``mallopt``:
 blocks up to 32 MiB come from the heap, and up to 1 GiB of freed heap is kept for reuse instead of returned, so the
 process's resident memory can stay that much above its live memory.

@@ -30,6 +30,7 @@ from typing import Any
 from peft import LoraConfig
 from torch import nn
 
+from aletheia_lora.allocator import allocator_state
 from aletheia_lora.calibrate import calibrate as time_lora_steps
 from aletheia_lora.config import apply_aletheia_lora
 from aletheia_lora.cost import Calibration, CostModel
@@ -145,15 +146,25 @@ def selection_cost(
         logger.warning("--calibrate times steps without gradient checkpointing; the run trains with it")
     batch = pad_collate([rows[i] for i in range(min(len(rows), batch_size))], pad_token_id)
     logger.info("calibrating: timing LoRA steps of %d x %d tokens", *batch["input_ids"].shape)
+    state = allocator_state()
+    glibc_default = (state["libc"] or "").startswith("glibc") and not (state["tuned"] or state["environment"])
+    if glibc_default and next(model.parameters()).device.type == "cpu":
+        logger.info(
+            "calibrating with glibc's default malloc thresholds: on some shapes they make a calibration overstate "
+            "speedups (Qwen2.5 by up to 6%% in bench/results/families.md); --cpu-allocator tuned fixes them for the "
+            "calibration and the run alike"
+        )
     settings = _settings(lora)
     start = time.perf_counter()
-    # the run's dropout too: on a CPU its masks over every adapted module's input are a measurable part of a step
+    # the run's dropout too: on a CPU its masks over every adapted module's input are a measurable part of a step;
+    # and its per-module ranks
+    ranks = {k: settings[k] for k in ("attention_r", "mlp_r") if settings.get(k)}
     calibration = time_lora_steps(
         model,
         batch,
         r=int(settings.get("r", 16)),
         target_modules=settings.get("target_modules"),
-        lora_kwargs={"lora_dropout": float(settings.get("lora_dropout", 0.0))},
+        lora_kwargs={"lora_dropout": float(settings.get("lora_dropout", 0.0)), **ranks},
         stack=stack,
     )
     logger.info("calibrated in %.1f s: %s", time.perf_counter() - start, calibration.description)

@@ -339,7 +339,7 @@ class SelectConfig:
         metadata={
             "help": "Predict speedups from LoRA steps timed on this hardware (3 placements, 1 untimed + 6 timed steps "
             "each, round-robin at the training batch) instead of the cost model, whose per-module overheads were "
-            "measured on another CPU"
+            "measured on another CPU; on a CPU, with --cpu-allocator tuned glibc's thresholds cannot skew it"
         },
     )
     max_frozen_pct: float = field(default=DEFAULT_MAX_FROZEN_PCT, metadata={"help": forecast.MAX_FROZEN_PCT_HELP})
