@@ -427,8 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     docs = None if str(args.docs) == "none" else args.docs
     quality = REPO / cfg["quality_from"] if cfg.get("quality_from") else None
     cached = REPO / cfg["cached_from"] if cfg.get("cached_from") else None
+    tuned = REPO / cfg["tuned_from"] if cfg.get("tuned_from") else None
     if args.render_only:
-        for path in render_outputs(args.out, docs, quality, cached):
+        for path in render_outputs(args.out, docs, quality, cached, tuned):
             print(f"wrote {path}")
         return 0
 
@@ -482,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / f"{NAME}.json", json.dumps(result, indent=1) + "\n")
-    for path in [args.out / f"{NAME}.json", *render_outputs(args.out, docs, quality, cached)]:
+    for path in [args.out / f"{NAME}.json", *render_outputs(args.out, docs, quality, cached, tuned)]:
         print(f"wrote {path}")
     return 0
 

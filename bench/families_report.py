@@ -183,8 +183,11 @@ def cached_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def targets_lines(result: dict, cached: list[dict], cached_path: Path | None) -> list[str]:
-    """The issue's targets, met or missed, with the figures."""
+def targets_lines(
+    result: dict, cached: list[dict], cached_path: Path | None, tuned_path: Path | None = None
+) -> list[str]:
+    """The issue's targets, met or missed, with the figures; with ``tuned_path`` (the same benchmark run with
+    ``cpu_allocator: tuned``) its calibration's too."""
     arms = [a for fam in _models(result) for a in fam["arms"] if a["name"] != "all"]
 
     def worst(key: str) -> tuple[float, str]:
@@ -206,6 +209,18 @@ def targets_lines(result: dict, cached: list[dict], cached_path: Path | None) ->
         lines.append(
             f"- **{name}**: within {band:.0%} of measured on {within} of {len(arms)} arms; largest error "
             f"{value:.1%} ({where}): {verdict(value, band)}."
+        )
+    tuned = load_result(tuned_path) if tuned_path is not None and tuned_path.is_file() else None
+    if tuned is not None and tuned["config"].get("cpu_allocator") == "tuned":
+        pairs = [(f, a) for f in _models(tuned) for a in f["arms"] if a["name"] != "all"]
+        band = TARGETS["calibrated_error"]
+        fam, arm = max(pairs, key=lambda fa: abs(fa[1]["calibrated_error"]))
+        value = abs(arm["calibrated_error"])
+        within = sum(abs(a["calibrated_error"]) <= band for _, a in pairs)
+        lines.append(
+            f"- **calibrated with `--cpu-allocator tuned`** (`{repo_relative(tuned_path)}`: the same run with glibc's "
+            f"malloc thresholds fixed for the calibration and the arms alike): within {band:.0%} on {within} of "
+            f"{len(pairs)} arms; largest error {value:.1%} ({fam['family']} {arm['name']}): {verdict(value, band)}."
         )
     value, where = worst("flop_error")
     lines.append(f"- FLOPs alone (before this cost model): largest error {value:.1%} ({where}).")
@@ -396,7 +411,7 @@ def _why(result: dict) -> list[str]:
     return [" ".join(lines)]
 
 
-def predictions_section(result: dict, cached_path: Path | None) -> list[str]:
+def predictions_section(result: dict, cached_path: Path | None, tuned_path: Path | None = None) -> list[str]:
     """The predictions against the measurements: targets, every arm, the cached steps."""
     cached = cached_rows(result, cached_path)
     smollm2 = result.get("smollm2")
@@ -416,7 +431,7 @@ def predictions_section(result: dict, cached_path: Path | None) -> list[str]:
         f"{COST_MODEL_ERROR_BAND:.0%} for the cost model, ± {CALIBRATED_ERROR_BAND:.0%} calibrated): the largest "
         "errors below, rounded up to a whole percent.",
         "",
-        *targets_lines(result, cached, cached_path),
+        *targets_lines(result, cached, cached_path, tuned_path),
         "",
         prediction_table(result),
         "",
@@ -439,7 +454,14 @@ def predictions_section(result: dict, cached_path: Path | None) -> list[str]:
     return lines
 
 
-def render_docs(result: dict, *, png: str, quality_path: Path | None, cached_path: Path | None = None) -> str:
+def render_docs(
+    result: dict,
+    *,
+    png: str,
+    quality_path: Path | None,
+    cached_path: Path | None = None,
+    tuned_path: Path | None = None,
+) -> str:
     cfg = result["config"]
     fams = result["families"]
     pattern_sources = sorted({f["probe_pattern_source"] for f in fams})
@@ -511,7 +533,7 @@ def render_docs(result: dict, *, png: str, quality_path: Path | None, cached_pat
         "",
         detail_table(result),
         "",
-        *predictions_section(result, cached_path),
+        *predictions_section(result, cached_path, tuned_path),
         "## Reading: where this agrees with the paper and where not",
         "",
         *_reading(result),
@@ -533,10 +555,15 @@ def render_docs(result: dict, *, png: str, quality_path: Path | None, cached_pat
 
 
 def render_outputs(
-    out: Path, docs: Path | None, quality_path: Path | None, cached_path: Path | None = None
+    out: Path,
+    docs: Path | None,
+    quality_path: Path | None,
+    cached_path: Path | None = None,
+    tuned_path: Path | None = None,
 ) -> list[Path]:
     """Write ``families.md``, the plot and the evidence page ``docs`` (unless None) from ``families.json``; the
-    measured cached speedups come from ``cached_path`` (bench/prefix_cache.py's JSON) when it is on disk."""
+    measured cached speedups come from ``cached_path`` (bench/prefix_cache.py's JSON) when it is on disk, the tuned
+    allocator's calibration from ``tuned_path`` (the run of ``families_tuned.yaml``)."""
     result = load_result(out / f"{NAME}.json")
     written = [write_text(out / f"{NAME}.md", render_markdown(result))]
     png = plot(result, out / f"{NAME}.png")
@@ -544,6 +571,6 @@ def render_outputs(
     if docs is not None:
         docs.parent.mkdir(parents=True, exist_ok=True)
         rel = os.path.relpath(png, docs.parent)
-        page = render_docs(result, png=rel, quality_path=quality_path, cached_path=cached_path)
+        page = render_docs(result, png=rel, quality_path=quality_path, cached_path=cached_path, tuned_path=tuned_path)
         written.append(write_text(docs, page))
     return written

@@ -184,6 +184,7 @@ def test_committed_errors_are_what_the_console_bands_say():
 def test_the_tuned_run_differs_from_the_default_run_only_in_its_allocator():
     default, tuned = families.load_config(CONFIG), families.load_config(TUNED_CONFIG)
     assert (default.pop("cpu_allocator"), tuned.pop("cpu_allocator")) == ("default", "tuned")
+    assert default.pop("tuned_from") == "bench/results/families_tuned/families.json"  # the page cites that run
     assert tuned == default
 
 
@@ -195,6 +196,10 @@ def test_the_committed_tuned_run_ran_tuned_and_its_table_is_rendered_from_its_js
     assert "--config bench/configs/families_tuned.yaml" in result["command"]
     assert result["smollm2"] is not None and len(result["families"]) == 8
     assert families_report.render_markdown(result) == (TUNED_RESULTS / "families.md").read_text()
+    every = [a for f in result["families"] + [result["smollm2"]] for a in f["arms"] if a["name"] != "all"]
+    worst = max(abs(a["calibrated_error"]) for a in every)
+    line = next(x for x in (REPO / "docs" / "EVIDENCE.md").read_text().splitlines() if "--cpu-allocator tuned" in x)
+    assert f"largest error {worst:.1%}" in line and f"on {len(every)} of {len(every)} arms" in line
 
 
 @pytest.mark.slow
