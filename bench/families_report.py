@@ -6,6 +6,7 @@ script's ``--render-only`` runs. Lives next to the script, which imports it as a
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from pathlib import Path
@@ -188,41 +189,37 @@ def targets_lines(
 ) -> list[str]:
     """The issue's targets, met or missed, with the figures; with ``tuned_path`` (the same benchmark run with
     ``cpu_allocator: tuned``) its calibration's too."""
-    arms = [a for fam in _models(result) for a in fam["arms"] if a["name"] != "all"]
 
-    def worst(key: str) -> tuple[float, str]:
-        fam, arm = max(((f, a) for f in _models(result) for a in f["arms"] if a["name"] != "all"),
-                       key=lambda fa: abs(fa[1][key]))  # fmt: skip
-        return abs(arm[key]), f"{fam['family']} {arm['name']}"
+    def worst(key: str, run: dict = result) -> tuple[float, str, int, int]:
+        """The run's largest |error| and where, and how many of its arms lie within the key's target."""
+        pairs = [(f, a) for f in _models(run) for a in f["arms"] if a["name"] != "all"]
+        fam, arm = max(pairs, key=lambda fa: abs(fa[1][key]))
+        within = sum(abs(a[key]) <= TARGETS.get(key, math.inf) for _, a in pairs)
+        return abs(arm[key]), f"{fam['family']} {arm['name']}", within, len(pairs)
 
     def verdict(value: float, band: float) -> str:
         return "**met**" if value <= band else "**missed**"
 
-    lines = []
-    for key, name in (
-        ("prediction_error", "cost model (not calibrated)"),
-        ("calibrated_error", "calibrated (`--calibrate`, timed in the same process)"),
-    ):
-        band = TARGETS[key]
-        value, where = worst(key)
-        within = sum(abs(a[key]) <= band for a in arms)
-        lines.append(
-            f"- **{name}**: within {band:.0%} of measured on {within} of {len(arms)} arms; largest error "
-            f"{value:.1%} ({where}): {verdict(value, band)}."
-        )
+    rows = [
+        (result, "prediction_error", "**cost model (not calibrated)**"),
+        (result, "calibrated_error", "**calibrated (`--calibrate`, timed in the same process)**"),
+    ]
     tuned = load_result(tuned_path) if tuned_path is not None and tuned_path.is_file() else None
     if tuned is not None and tuned["config"].get("cpu_allocator") == "tuned":
-        pairs = [(f, a) for f in _models(tuned) for a in f["arms"] if a["name"] != "all"]
-        band = TARGETS["calibrated_error"]
-        fam, arm = max(pairs, key=lambda fa: abs(fa[1]["calibrated_error"]))
-        value = abs(arm["calibrated_error"])
-        within = sum(abs(a["calibrated_error"]) <= band for _, a in pairs)
-        lines.append(
-            f"- **calibrated with `--cpu-allocator tuned`** (`{repo_relative(tuned_path)}`: the same run with glibc's "
-            f"malloc thresholds fixed for the calibration and the arms alike): within {band:.0%} on {within} of "
-            f"{len(pairs)} arms; largest error {value:.1%} ({fam['family']} {arm['name']}): {verdict(value, band)}."
+        name = (
+            f"**calibrated with `--cpu-allocator tuned`** (`{repo_relative(tuned_path)}`: the same run with glibc's "
+            "malloc thresholds fixed for the calibration and the arms alike)"
         )
-    value, where = worst("flop_error")
+        rows.append((tuned, "calibrated_error", name))
+    lines = []
+    for run, key, name in rows:
+        band = TARGETS[key]
+        value, where, within, count = worst(key, run)
+        lines.append(
+            f"- {name}: within {band:.0%} of measured on {within} of {count} arms; largest error {value:.1%} "
+            f"({where}): {verdict(value, band)}."
+        )
+    value, where, _, _ = worst("flop_error")
     lines.append(f"- FLOPs alone (before this cost model): largest error {value:.1%} ({where}).")
     if cached:
         errors = [(abs(r["predicted"] / r["measured"] - 1), f"{r['model']} {r['arm']}") for r in cached]
