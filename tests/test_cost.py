@@ -153,6 +153,16 @@ def test_per_module_ranks_price_the_adapters_peft_builds(arch):
     assert "r=4, attention_r=8, mlp_r=32" in cost.description
     from_config = CostModel.from_model(model.config, seq_len=8, r=4, attention_r=8, mlp_r=32)  # qualified targets
     assert from_config.lora_params == cost.lora_params
+
+
+def test_a_qualified_target_the_user_names_gets_the_rank_peft_gives_it():
+    # apply_aletheia_lora looks a target's kind up by its exact name: "self_attn.q_proj" is of no known kind, so PEFT
+    # gives it r, not attention_r; the cost model must price it so too
+    model = tiny_model("llama", n_layers=2)
+    targets = ["self_attn.q_proj", "v_proj"]
+    cost = CostModel.from_model(model, seq_len=8, r=4, attention_r=8, target_modules=targets)
+    peft = get_peft_model(model, apply_aletheia_lora(model, [1], r=4, attention_r=8, target_modules=targets))
+    assert cost.lora_params[1] == sum(p.numel() for n, p in peft.named_parameters() if "lora_" in n)
     with pytest.raises(ValueError, match="mlp_r"):
         CostModel.from_model(model, mlp_r=0)
 

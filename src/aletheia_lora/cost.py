@@ -63,7 +63,7 @@ from aletheia_lora.layers import (
     text_config,
     unwrap_model,
 )
-from aletheia_lora.overheads import CPU_OVERHEADS, Overheads, module_rank, step_overheads
+from aletheia_lora.overheads import CPU_OVERHEADS, Overheads, module_rank, step_overheads, target_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -309,8 +309,6 @@ class CostModel:
         seq_len = check_int("seq_len", seq_len, minimum=1)
         batch_size = check_int("batch_size", batch_size, minimum=1)
         r = check_int("r", r, minimum=1)
-        attention_r, mlp_r = (None if v is None else check_int(k, v, minimum=1) for k, v in
-                              (("attention_r", attention_r), ("mlp_r", mlp_r)))  # fmt: skip
         gradient_checkpointing = check_bool("gradient_checkpointing", gradient_checkpointing)
         if backward_to_embeddings is None:
             backward_to_embeddings = gradient_checkpointing
@@ -330,6 +328,7 @@ class CostModel:
         targets = target_modules if target_modules is not None else shapes.default_targets
         if not targets:
             raise ValueError(f"{shapes.model_type}: no attention or MLP linear modules to adapt")
+        ranks = target_ranks(targets, r, attention_r, mlp_r, leaf_kinds=target_modules is None)
         all_names = {name for block in shapes.blocks for name, _, _, _ in block}
         for target in targets:
             if not any(matches_target(name, target) for name in all_names):
@@ -343,7 +342,7 @@ class CostModel:
         for block, experts in zip(shapes.blocks, shapes.expert_params):
             linear = sum(2.0 * fan_in * fan_out for _, fan_in, fan_out, _ in block) * tokens + 2.0 * experts * tokens
             # adapter width weighted by each module's rank: its FLOPs and parameters
-            width = sum(module_rank(name, targets, r, attention_r, mlp_r) * (i + o) for name, i, o, _ in block
+            width = sum(module_rank(name, ranks, r) * (i + o) for name, i, o, _ in block
                         if any(matches_target(name, t) for t in targets))  # fmt: skip
             for name, value in zip(
                 _PER_BLOCK, (linear + attention, linear + 2 * attention, 2.0 * width * tokens, 4.0 * width * tokens,
@@ -352,9 +351,10 @@ class CostModel:
                 per_block[name].append(value)
         head = 2.0 * shapes.head_in * shapes.vocab_size * tokens
         heads = _heads(model_or_config, shapes)
-        extra = step_overheads(shapes, targets, overheads, seq_len=seq_len, tokens=tokens, heads=heads, r=r,
-                               attention_r=attention_r, mlp_r=mlp_r)  # fmt: skip
-        ranks = f"r={r}" + "".join(f", {k}={v}" for k, v in (("attention_r", attention_r), ("mlp_r", mlp_r)) if v)
+        extra = step_overheads(
+            shapes, targets, overheads, seq_len=seq_len, tokens=tokens, heads=heads, r=r, ranks=ranks
+        )
+        rank_text = f"r={r}" + "".join(f", {k}={v}" for k, v in (("attention_r", attention_r), ("mlp_r", mlp_r)) if v)
         basis = OVERHEADS_TAG if overheads is not None else "FLOPs only"
         return cls(
             head_forward=head,
@@ -363,7 +363,7 @@ class CostModel:
             backward_to_embeddings=backward_to_embeddings,
             gradient_checkpointing=gradient_checkpointing,
             batch_size=batch_size,
-            description=f"{shapes.model_type} ({shapes.source}), {batch_size}x{seq_len} tokens, {ranks}, {basis}",
+            description=f"{shapes.model_type} ({shapes.source}), {batch_size}x{seq_len} tokens, {rank_text}, {basis}",
             **{name: tuple(values) for name, values in per_block.items()},
             **extra,
         )

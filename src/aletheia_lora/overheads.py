@@ -51,11 +51,11 @@ times a few steps there instead.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from aletheia_lora.checks import check_number
+from aletheia_lora.checks import check_int, check_number
 from aletheia_lora.layers import ATTENTION, KNOWN_MODULE_KINDS, MLP, BlockShapes, matches_target
 
 
@@ -96,21 +96,39 @@ class Overheads:
 CPU_OVERHEADS = Overheads()
 
 
-def module_rank(
-    name: str, targets: Sequence[str], r: int, attention_r: int | None = None, mlp_r: int | None = None
-) -> int:
-    """The LoRA rank of module ``name``: ``attention_r`` or ``mlp_r`` when the target it matches is of that kind (as
-    :func:`~aletheia_lora.config.apply_aletheia_lora` sets PEFT's ``rank_pattern``), else ``r``."""
+def target_ranks(
+    targets: Sequence[str],
+    r: int,
+    attention_r: int | None = None,
+    mlp_r: int | None = None,
+    *,
+    leaf_kinds: bool = False,
+) -> dict[str, int]:
+    """Each target's LoRA rank, as :func:`~aletheia_lora.config.apply_aletheia_lora` sets PEFT's ``rank_pattern``:
+    ``attention_r`` / ``mlp_r`` for a target whose name :data:`~aletheia_lora.layers.KNOWN_MODULE_KINDS` gives that
+    kind, else ``r``. ``leaf_kinds``: look a qualified target up by its last part (a config's default targets, such as
+    ``self_attn.q_proj``, stand for the leaf names ``apply_aletheia_lora`` would adapt).
+
+    Raises:
+        ValueError: ``attention_r`` or ``mlp_r`` below 1 (or not an integer).
+    """
+    ranks = {ATTENTION: attention_r, MLP: mlp_r}
+    for kind, name in ((ATTENTION, "attention_r"), (MLP, "mlp_r")):
+        if ranks[kind] is not None:
+            ranks[kind] = check_int(name, ranks[kind], minimum=1)
+    out = {}
     for target in targets:
-        if matches_target(name, target):
-            # a qualified target (a config's default, "self_attn.q_proj") is of its leaf's kind
-            kind = KNOWN_MODULE_KINDS.get(target, KNOWN_MODULE_KINDS.get(target.rsplit(".", 1)[-1]))
-            if kind == ATTENTION and attention_r:
-                return attention_r
-            if kind == MLP and mlp_r:
-                return mlp_r
-            return r
-    return r
+        kind = KNOWN_MODULE_KINDS.get(target)
+        if kind is None and leaf_kinds:
+            kind = KNOWN_MODULE_KINDS.get(target.rsplit(".", 1)[-1])
+        out[target] = ranks.get(kind) or r
+    return out
+
+
+def module_rank(name: str, ranks: Mapping[str, int], r: int) -> int:
+    """The rank of module ``name``: that of the first target of ``ranks`` (:func:`target_ranks`) it matches, else
+    ``r``."""
+    return next((rank for target, rank in ranks.items() if matches_target(name, target)), r)
 
 
 def step_overheads(
@@ -122,8 +140,7 @@ def step_overheads(
     tokens: int,
     heads: int,
     r: int,
-    attention_r: int | None = None,
-    mlp_r: int | None = None,
+    ranks: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """The overhead fields of a :class:`~aletheia_lora.cost.CostModel` for a model's shapes (all 0 for None).
 
@@ -135,8 +152,7 @@ def step_overheads(
         tokens: Tokens per step.
         heads: Attention heads per block (0: scores not priced).
         r: LoRA rank.
-        attention_r: Rank of the attention projections, when it differs (:func:`module_rank`).
-        mlp_r: Rank of the MLP projections, when it differs.
+        ranks: Each target's rank where it differs from ``r`` (:func:`target_ranks`).
 
     Raises:
         TypeError: ``overheads`` is neither an :class:`Overheads` nor None.
@@ -154,7 +170,7 @@ def step_overheads(
         out["backward"].append(price.attention_backward * scores + price.elementwise_backward * linear_width)
         out["forward"].append(price.adapter_forward * width)
         out["adapter"].append(price.adapter_backward * width)
-        params = sum(module_rank(name, targets, r, attention_r, mlp_r) * (i + o) for name, i, o in adapted)
+        params = sum(module_rank(name, ranks or {}, r) * (i + o) for name, i, o in adapted)
         out["update"].append(price.optimizer_per_tensor * 2 * len(adapted) + price.optimizer_per_param * params)
     return {
         "block_forward_overhead": tuple(out["block"]),
